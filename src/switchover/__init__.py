@@ -1,0 +1,3 @@
+"""switchover: atomic, reversible releases over SSH."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from switchover.cli import main
+
+main()

@@ -1,0 +1,193 @@
+"""Turn the configured build output into a clean local tree ready to upload.
+
+A directory is used as it is; a tarball is checked entry by entry and extracted into a
+temporary directory. Anything that could escape the release or smuggle in privileges is
+refused before a host is touched (exit 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from switchover.errors import ArtifactError
+from switchover.transport.local import excluded
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+@dataclass
+class Artifact:
+    """A local tree to upload, with what we know about it."""
+
+    tree: Path
+    source: Path
+    sha256: str
+    files: int
+    size: int
+    _tmp: str | None = field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def run_build(command: str, cwd: Path) -> None:
+    """Run the configured local build command (the operator's own command line)."""
+    proc = subprocess.run(["sh", "-c", command], cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise ArtifactError(
+            f"build command failed (exit {proc.returncode}): {command}\n{tail}".rstrip()
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_member(m: tarfile.TarInfo) -> str | None:
+    """Why a tar entry must be refused, or None if it is safe."""
+    name = m.name
+    p = PurePosixPath(name)
+    if name.startswith("/") or p.is_absolute():
+        return "absolute path"
+    if ".." in p.parts:
+        return "'..' in path"
+    if m.ischr() or m.isblk():
+        return "device file"
+    if m.isfifo():
+        return "FIFO"
+    if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+        return "unsupported entry type"
+    if m.mode & (stat.S_ISUID | stat.S_ISGID):
+        return "setuid/setgid bit"
+    if m.issym() or m.islnk():
+        target = PurePosixPath(m.linkname)
+        if target.is_absolute():
+            return f"link to absolute path {m.linkname!r}"
+        base = p.parent if m.issym() else PurePosixPath(".")
+        depth = 0
+        for part in (*base.parts, *target.parts):
+            if part == "..":
+                depth -= 1
+            elif part != ".":
+                depth += 1
+            if depth < 0:
+                return f"link {m.linkname!r} points outside the release"
+    return None
+
+
+def extract_tarball(path: Path, into: Path) -> None:
+    try:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            for m in members:
+                reason = _check_member(m)
+                if reason:
+                    raise ArtifactError(f"{path}: refusing entry {m.name!r}: {reason}")
+            # The data filter is a second line of defence behind our own checks.
+            tar.extractall(into, members=members, filter="data")
+    except ArtifactError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise ArtifactError(f"{path}: corrupt or truncated archive: {e}") from None
+
+
+def check_tree(root: Path) -> None:
+    """Refuse a directory artifact holding things that do not belong in a release."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            rel = p.relative_to(root)
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(p)
+                if os.path.isabs(target):
+                    raise ArtifactError(f"{root}: refusing {rel}: link to absolute path {target!r}")
+                resolved = os.path.normpath(os.path.join(os.path.dirname(str(rel)), target))
+                if resolved == ".." or resolved.startswith("../"):
+                    raise ArtifactError(f"{root}: refusing {rel}: link points outside the release")
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                raise ArtifactError(f"{root}: refusing {rel}: device file")
+            elif stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                raise ArtifactError(f"{root}: refusing {rel}: FIFO or socket")
+            elif st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(st.st_mode):
+                raise ArtifactError(f"{root}: refusing {rel}: setuid/setgid bit")
+
+
+def tree_digest(root: Path, exclude: Sequence[str]) -> tuple[str, int, int]:
+    """A sha256 over every path, mode and content in the tree, plus file count and bytes."""
+    h = hashlib.sha256()
+    files = size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        dirnames[:] = [d for d in dirnames if not excluded(os.path.join(rel_dir, d), d, exclude)]
+        for name in sorted(filenames):
+            rel = os.path.join(rel_dir, name)
+            if excluded(rel, name, exclude):
+                continue
+            p = Path(dirpath, name)
+            st = p.lstat()
+            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(p).encode())
+            else:
+                h.update(bytes.fromhex(_sha256_file(p)))
+                size += st.st_size
+            files += 1
+    return h.hexdigest(), files, size
+
+
+def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
+    """Check and unpack the artifact; the caller must call `cleanup()` when done."""
+    if not source.exists():
+        raise ArtifactError(f"artifact {source} does not exist")
+    if source.is_dir():
+        if not any(source.iterdir()):
+            raise ArtifactError(f"artifact {source} is an empty directory")
+        check_tree(source)
+        digest, files, size = tree_digest(source, exclude)
+        if files == 0:
+            raise ArtifactError(f"artifact {source} has no files (after excludes)")
+        return Artifact(tree=source, source=source, sha256=digest, files=files, size=size)
+    if not source.is_file() or not source.name.endswith(TAR_SUFFIXES):
+        raise ArtifactError(
+            f"artifact {source} is not a directory or a tarball ({', '.join(TAR_SUFFIXES)})"
+        )
+    if source.stat().st_size == 0:
+        raise ArtifactError(f"artifact {source} is empty")
+    tmp = tempfile.mkdtemp(prefix="switchover-artifact-")
+    try:
+        tree = Path(tmp, "tree")
+        tree.mkdir()
+        extract_tarball(source, tree)
+        entries = list(tree.iterdir())
+        # A tarball of one top-level directory (`tar czf app.tgz app/`) deploys its contents.
+        if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+            tree = entries[0]
+        _, files, size = tree_digest(tree, exclude)
+        if files == 0:
+            raise ArtifactError(f"artifact {source} holds no files")
+        return Artifact(tree=tree, source=source, sha256=_sha256_file(source), files=files,
+                        size=size, _tmp=tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

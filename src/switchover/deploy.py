@@ -1,0 +1,424 @@
+"""A deploy across every host of an environment, in phases.
+
+1. prepare: connect, lock, read state (every host). Any failure: nothing was changed.
+2. stage: record the start, upload into staging, move it into releases/<id>, link shared,
+   run before_switch hooks. Any failure: staged releases removed, `current` untouched.
+3. switch: one rename per host, after_switch hooks, health checks.
+4. verify: if any host failed, every switched host goes back to the release it ran before,
+   so the fleet ends on one release. Otherwise: record success and prune old releases.
+Locks are released on every path out, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from switchover.artifact import Artifact
+from switchover.config import Environment
+from switchover.context import RunContext
+from switchover.errors import (
+    DeployFailed,
+    ExitCode,
+    HostError,
+    Interrupted,
+    LockedError,
+    RollbackFailed,
+    SwitchoverError,
+)
+from switchover.fanout import fan_out
+from switchover.health import CheckOutcome, expand_url, fetch_url, with_retries
+from switchover.hostops import HostOps, HostState
+from switchover.output import Reporter
+from switchover.releases import analyze, new_release_id, select_prune
+from switchover.session import hook_environment
+from switchover.transport import SyncStats
+
+EXIT_INTERRUPTED = 130
+
+
+class HookFailed(DeployFailed):
+    pass
+
+
+@dataclass
+class HostRun:
+    ops: HostOps
+    state: HostState | None = None
+    locked: bool = False
+    begun: bool = False
+    switched: bool = False
+    previous: str | None = None  # the release that was live before this deploy
+    status: str = "pending"
+    error: SwitchoverError | None = None
+    stats: SyncStats | None = None
+    checks: list[CheckOutcome] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.ops.name
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error if isinstance(error, SwitchoverError) else SwitchoverError(
+            f"{type(error).__name__}: {error}", host=self.name
+        )
+        if self.error.host is None:
+            self.error.host = self.name
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "host": self.name,
+            "status": self.status,
+            "previous": self.previous,
+            "error": self.error.message if self.error else None,
+            "files_transferred": self.stats.files_transferred if self.stats else None,
+            "bytes_transferred": self.stats.bytes_transferred if self.stats else None,
+            "checks": [
+                {"name": c.name, "ok": c.ok, "attempts": c.attempts, "detail": c.detail}
+                for c in self.checks
+            ],
+            "pruned": self.pruned,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class DeployReport:
+    status: str
+    exit_code: int
+    release: str | None
+    message: str
+    hosts: list[HostRun]
+    seconds: float
+    ctx: RunContext
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "app": self.ctx.app,
+            "environment": self.ctx.env,
+            "deploy_id": self.ctx.deploy_id,
+            "release": self.release,
+            "message": self.message,
+            "seconds": round(self.seconds, 3),
+            "hosts": [h.summary() for h in self.hosts],
+        }
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+class Deployer:
+    def __init__(
+        self,
+        env: Environment,
+        hosts: Sequence[HostOps],
+        reporter: Reporter,
+        ctx: RunContext,
+        *,
+        artifact: Artifact,
+        checks: Sequence[str] = (),
+        urls: Sequence[str] = (),
+        message: str = "",
+    ) -> None:
+        self.env = env
+        self.runs = [HostRun(h) for h in hosts]
+        self.out = reporter
+        self.ctx = ctx
+        self.artifact = artifact
+        self.checks = [*env.health.commands, *checks]
+        self.urls = [*env.health.urls, *urls]
+        self.message = message
+        self.release: str | None = None
+        self.cancel = threading.Event()
+        self.t0 = time.monotonic()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _each(self, runs: Sequence[HostRun], fn: Any) -> None:
+        """Run fn(run) on every host in parallel, recording failures on the run."""
+        outcomes = fan_out(runs, fn, self.env.parallel, self.cancel)
+        for run, outcome in zip(runs, outcomes, strict=True):
+            if outcome.error is not None:
+                run.fail(outcome.error)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Interrupted("interrupted")
+
+    def _entry(self, event: str, run: HostRun, **kw: Any) -> dict[str, Any]:
+        kw.setdefault("release", self.release)
+        kw.setdefault("previous", run.previous)
+        return self.ctx.entry(event, run.name, **kw)
+
+    def _env_for(self, run: HostRun, release: str) -> dict[str, str]:
+        return hook_environment(self.env, run.name, release,
+                                run.ops.layout.release(release), run.previous)
+
+    def _run_hooks(self, run: HostRun, stage: str, hooks: Sequence[str], release: str) -> None:
+        for hook in hooks:
+            self._check_cancel()
+            self.out.step(run.name, f"{stage}: {hook}")
+            r = run.ops.run_in_release(release, hook, self._env_for(run, release),
+                                       timeout=self.env.timeout)
+            self.out.detail(run.name, r.stdout)
+            if not r.ok:
+                raise HookFailed(f"{stage} hook failed (exit {r.rc}): {hook}: {r.message}",
+                                 host=run.name)
+
+    # -- phases --------------------------------------------------------------------------
+
+    def _prepare(self, run: HostRun) -> None:
+        self._check_cancel()
+        run.ops.connect()
+        run.state = run.ops.acquire(self.ctx.owner("deploy"))
+        run.locked = True
+        run.previous = run.state.current
+        if run.state.current_kind == "dir":
+            raise HostError(f"{run.ops.layout.current} is a real directory, not a symlink: "
+                            "refusing to replace it (move it aside first)", host=run.name)
+        if run.state.current_kind == "other":
+            raise HostError(f"{run.ops.layout.current} exists and is not a symlink",
+                            host=run.name)
+
+    def _stage(self, run: HostRun) -> None:
+        assert self.release is not None and run.state is not None
+        release, ops = self.release, run.ops
+        self._check_cancel()
+        ops.begin(release, self._entry(
+            "deploy_started", run, message=self.message,
+            artifact=self.artifact.source.name, artifact_sha256=self.artifact.sha256,
+        ))
+        run.begun = True
+        link_dest = None
+        if run.previous and run.previous in run.state.releases:
+            link_dest = ops.layout.release(run.previous)
+        self.out.step(run.name, f"uploading {self.artifact.source.name} "
+                                f"({_size(self.artifact.size)}, {self.artifact.files} files)...")
+        self._check_cancel()
+        run.stats = ops.upload(self.artifact.tree, release, link_dest, self.env.artifact.exclude)
+        self.out.step(run.name, f"uploaded: {run.stats.files_transferred} files changed "
+                                f"({_size(run.stats.bytes_transferred)}), the rest hard-linked")
+        self._check_cancel()
+        ops.finalize(release, self.env.shared.files, self.env.shared.dirs)
+        self._run_hooks(run, "before_switch", self.env.hooks.before_switch, release)
+
+    def _switch(self, run: HostRun) -> None:
+        assert self.release is not None
+        release = self.release
+        self._check_cancel()
+        run.ops.switch(release, [self._entry("switched", run)])
+        run.switched = True
+        self.out.step(run.name, f"switched current to release {release}")
+        self._run_hooks(run, "after_switch", self.env.hooks.after_switch, release)
+        self._health(run)
+
+    def _health(self, run: HostRun) -> None:
+        assert self.release is not None
+        release = self.release
+        hc = self.env.health
+        for cmd in self.checks:
+            self._check_cancel()
+
+            def attempt(cmd: str = cmd) -> tuple[bool, str]:
+                self._check_cancel()
+                r = run.ops.run_in_release(release, cmd, self._env_for(run, release), hc.timeout)
+                return r.ok, r.message if not r.ok else "ok"
+
+            run.checks.append(with_retries(cmd, attempt, hc))
+        for url in self.urls:
+            self._check_cancel()
+            target = expand_url(url, run.ops.spec.host)
+            run.checks.append(with_retries(target, lambda t=target: fetch_url(t, hc.timeout), hc))
+        failed = [c for c in run.checks if not c.ok]
+        if failed:
+            c = failed[0]
+            raise DeployFailed(f"health check failed after {c.attempts} attempts: "
+                               f"{c.name}: {c.detail}", host=run.name)
+        if run.checks:
+            self.out.good(run.name, "health check passed")
+
+    def _rollback(self, run: HostRun, reason: str) -> None:
+        """Put back the release that was live before this deploy (or none, on a first deploy)."""
+        release, target = self.release, run.previous
+        entries = [self._entry("deploy_failed", run, message=reason)]
+        if target is not None:
+            entries.append(self._entry("rolled_back", run, release=target, previous=release,
+                                       message=f"automatic rollback: {reason}"))
+        try:
+            run.ops.switch(target, entries)
+        except SwitchoverError as e:
+            raise RollbackFailed(f"rollback to {target or '(nothing)'} failed: {e.message}",
+                                 host=run.name) from None
+        if target is None:
+            self.out.bad(run.name, "no previous release to roll back to: current removed")
+            return
+        self.out.step(run.name, f"rolled back to release {target}")
+        try:
+            self._run_hooks(run, "after_rollback", self.env.hooks.after_rollback, target)
+        except (SwitchoverError, Interrupted) as e:
+            raise RollbackFailed(f"rolled back to {target}, but {e}", host=run.name) from None
+
+    def _abort_staged(self, run: HostRun, reason: str) -> None:
+        """Undo a stage that never reached the switch: remove the upload, record why."""
+        assert self.release is not None
+        run.ops.remove_staging(self.release)
+        run.ops.remove_releases([self.release])
+        run.ops.record([self._entry("deploy_failed", run, message=reason)])
+
+    def _finish(self, run: HostRun) -> None:
+        assert self.release is not None and run.state is not None
+        seconds = round(time.monotonic() - self.t0, 3)
+        done = self._entry("deploy_succeeded", run, message=self.message, seconds=seconds)
+        states = analyze([*run.state.history, done], [*run.state.releases, self.release],
+                         self.release)
+        run.pruned = select_prune(states, self.env.keep_releases, protect=[self.release])
+        entries = [done]
+        if run.pruned:
+            run.ops.remove_releases(run.pruned)
+            entries.append(self._entry("cleanup", run, message="removed " + " ".join(run.pruned),
+                                       removed=run.pruned))
+        run.ops.record(entries)
+
+    def _unlock_all(self) -> None:
+        held = [r for r in self.runs if r.locked]
+
+        def unlock(run: HostRun) -> None:
+            run.ops.release_lock(self.ctx.deploy_id)
+            run.locked = False
+
+        # Not cancellable: a lock must be released even after Ctrl-C.
+        outcomes = fan_out(held, unlock, self.env.parallel)
+        for run, o in zip(held, outcomes, strict=True):
+            if not o.ok:
+                self.out.warn(f"{run.name}: could not release the lock: {o.error}")
+
+    # -- the whole deploy ----------------------------------------------------------------
+
+    def run(self) -> DeployReport:
+        try:
+            return self._run()
+        finally:
+            try:
+                self._unlock_all()
+            finally:
+                for r in self.runs:
+                    r.ops.close()
+
+    def _report(self, status: str, code: int, message: str) -> DeployReport:
+        now = time.monotonic()
+        for r in self.runs:
+            r.seconds = now - r.started
+        return DeployReport(status, int(code), self.release, message, self.runs,
+                            now - self.t0, self.ctx)
+
+    def _failed(self) -> list[HostRun]:
+        return [r for r in self.runs if r.error is not None]
+
+    def _run(self) -> DeployReport:
+        runs = self.runs
+        # 1. prepare
+        self._each(runs, self._prepare)
+        if self.cancel.is_set() or self._failed():
+            for r in runs:
+                r.status = "failed" if r.error else "unchanged"
+            if self.cancel.is_set():
+                return self._report("interrupted", EXIT_INTERRUPTED,
+                                    "interrupted before upload: nothing was changed")
+            failed = self._failed()
+            for r in failed:
+                self.out.bad(r.name, str(r.error.message if r.error else ""))
+            code = ExitCode.LOCKED if any(isinstance(r.error, LockedError) for r in failed) \
+                else ExitCode.UNREACHABLE
+            names = ", ".join(r.name for r in failed)
+            return self._report("failed", code, f"prepare failed on {names}: nothing was changed")
+
+        self.release = new_release_id(
+            {rel for r in runs if r.state for rel in r.state.releases}
+        )
+        # 2. stage
+        self._each(runs, self._stage)
+        if self.cancel.is_set() or self._failed():
+            interrupted = self.cancel.is_set()
+            reason = "interrupted before the switch" if interrupted else "; ".join(
+                str(r.error) for r in self._failed()
+            )
+            begun = [r for r in runs if r.begun]
+            outcomes = fan_out(begun, lambda r: self._abort_staged(r, reason), self.env.parallel)
+            for r, o in zip(begun, outcomes, strict=True):
+                if not o.ok:
+                    self.out.warn(f"{r.name}: could not remove the staged release: {o.error}")
+            for r in runs:
+                if r.error and not isinstance(r.error, Interrupted):
+                    self.out.bad(r.name, r.error.message)
+                r.status = "failed" if r.error else "unchanged"
+            if interrupted:
+                return self._report("interrupted", EXIT_INTERRUPTED,
+                                    "interrupted before the switch: current unchanged")
+            hook = any(isinstance(r.error, HookFailed) for r in runs)
+            code = ExitCode.DEPLOY_FAILED if hook else ExitCode.UNREACHABLE
+            return self._report("failed", code, f"{reason}: current unchanged on every host")
+
+        # 3. switch, hooks, health
+        self._each(runs, self._switch)
+        failed = self._failed()
+        if self.cancel.is_set() or failed:
+            return self._roll_back_fleet(failed)
+
+        # 4. success
+        self._each(runs, self._finish)
+        for r in runs:
+            r.status = "succeeded"
+            if r.error:  # the release is live and healthy; only bookkeeping failed
+                self.out.warn(f"{r.name}: {r.error.message}")
+                r.error = None
+        n = len(runs)
+        msg = f"release {self.release} is live on {n} host{'s' if n != 1 else ''}"
+        return self._report("succeeded", ExitCode.OK, msg)
+
+    def _roll_back_fleet(self, failed: list[HostRun]) -> DeployReport:
+        interrupted = self.cancel.is_set()
+        for r in failed:
+            if r.error and not isinstance(r.error, Interrupted):
+                self.out.bad(r.name, r.error.message)
+        if interrupted:
+            reason = "interrupted after the switch"
+        else:
+            reason = "; ".join(str(r.error) for r in failed)
+        # Every host that may have switched goes back, healthy ones too: one release fleet-wide.
+        targets = [r for r in self.runs if r.switched or r.error is not None]
+        self.cancel.clear()  # the rollback itself must run to the end
+        outcomes = fan_out(targets, lambda r: self._rollback(r, reason), self.env.parallel)
+        broken = []
+        for r, o in zip(targets, outcomes, strict=True):
+            if o.ok:
+                r.status = "rolled_back" if r.previous else "failed"
+            else:
+                r.status = "rollback_failed"
+                r.fail(o.error)  # type: ignore[arg-type]
+                self.out.bad(r.name, f"NEEDS ATTENTION: {r.error}")
+                broken.append(r)
+        for r in self.runs:
+            if r.status == "pending":
+                r.status = "unchanged"
+        if broken:
+            names = ", ".join(r.name for r in broken)
+            return self._report("rollback_failed", ExitCode.ROLLBACK_FAILED,
+                                f"rollback failed on {names}: {reason}")
+        what = "rolled back" if any(r.previous for r in targets) else "nothing to roll back to"
+        code = EXIT_INTERRUPTED if interrupted else ExitCode.DEPLOY_FAILED
+        return self._report("rolled_back" if what == "rolled back" else "failed", code,
+                            f"{reason}: {what}")

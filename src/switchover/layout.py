@@ -1,0 +1,58 @@
+"""Where things live under deploy_to on a host."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    deploy_to: str
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.deploy_to, *parts)
+
+    @property
+    def releases(self) -> str:
+        return self._join("releases")
+
+    @property
+    def shared(self) -> str:
+        return self._join("shared")
+
+    @property
+    def current(self) -> str:
+        return self._join("current")
+
+    @property
+    def meta(self) -> str:
+        return self._join(".switchover")
+
+    @property
+    def history(self) -> str:
+        return self._join(".switchover", "history.jsonl")
+
+    @property
+    def lock(self) -> str:
+        return self._join(".switchover", "lock")
+
+    @property
+    def lock_owner(self) -> str:
+        return self._join(".switchover", "lock", "owner.json")
+
+    @property
+    def staging_root(self) -> str:
+        return self._join(".switchover", "staging")
+
+    @property
+    def switch_dir(self) -> str:
+        # The temporary link is made here and renamed into deploy_to: one rename(2), with no
+        # need for `mv -T` (which BSD and macOS lack).
+        return self._join(".switchover", "switch")
+
+    def staging(self, release: str) -> str:
+        return self._join(".switchover", "staging", release)
+
+    def release(self, release: str) -> str:
+        return self._join("releases", release)

@@ -1,0 +1,279 @@
+"""Every command but deploy: rollback, status, releases, history, cleanup, unlock, setup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from switchover.config import Environment
+from switchover.context import RunContext
+from switchover.errors import (
+    DeployFailed,
+    ExitCode,
+    HostError,
+    LockedError,
+    RollbackFailed,
+    SwitchoverError,
+    UsageError,
+)
+from switchover.fanout import Outcome, fan_out
+from switchover.hostops import HostOps, HostState, describe_owner
+from switchover.output import Reporter
+from switchover.releases import is_release_id, select_prune
+from switchover.session import hook_environment
+
+T = TypeVar("T")
+
+
+@dataclass
+class CommandResult:
+    """What a command produced: a JSON document, and the exit code it earned."""
+
+    doc: Any
+    exit_code: int = 0
+    lines: list[str] = field(default_factory=list)
+
+
+def _on_hosts(hosts: Sequence[HostOps], env: Environment,
+              fn: Callable[[HostOps], T]) -> list[Outcome[T]]:
+    def wrapped(h: HostOps) -> T:
+        h.connect()
+        return fn(h)
+
+    try:
+        return fan_out(hosts, wrapped, env.parallel)
+    finally:
+        for h in hosts:
+            h.close()
+
+
+def _worst(errors: Sequence[BaseException | None]) -> int:
+    codes = [e.code if isinstance(e, SwitchoverError) else ExitCode.DEPLOY_FAILED
+             for e in errors if e is not None]
+    return int(max(codes)) if codes else 0
+
+
+def _error_text(e: BaseException | None) -> str | None:
+    if e is None:
+        return None
+    return e.message if isinstance(e, SwitchoverError) else str(e)
+
+
+# -- read-only views ------------------------------------------------------------------------
+
+
+def status(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
+    outcomes = _on_hosts(hosts, env, lambda h: h.read_state())
+    rows = []
+    for h, o in zip(hosts, outcomes, strict=True):
+        st: HostState | None = o.value
+        if st is None:
+            rows.append({"host": h.name, "reachable": False, "current": None, "previous": None,
+                         "locked": None, "error": _error_text(o.error)})
+            continue
+        states = st.states()
+        rows.append({
+            "host": h.name,
+            "reachable": True,
+            "current": st.current,
+            "current_target": st.current_target,
+            "previous": states.previous,
+            "locked": st.lock is not None,
+            "lock_owner": st.lock,
+            "releases": len(st.releases),
+            "error": None,
+        })
+    live = {r["current"] for r in rows if r["reachable"]}
+    doc = {"environment": env.name, "app": env.app, "drift": len(live) > 1, "hosts": rows}
+    return CommandResult(doc, _worst([o.error for o in outcomes]))
+
+
+def releases(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
+    outcomes = _on_hosts(hosts, env, lambda h: h.read_state())
+    rows = []
+    for h, o in zip(hosts, outcomes, strict=True):
+        if o.value is None:
+            rows.append({"host": h.name, "error": _error_text(o.error), "releases": []})
+        else:
+            rows.append({"host": h.name, "error": None,
+                         "releases": o.value.states().listing()})
+    return CommandResult({"environment": env.name, "hosts": rows},
+                         _worst([o.error for o in outcomes]))
+
+
+ENDINGS = frozenset({"deploy_succeeded", "deploy_failed"})
+
+
+def mark_interrupted(entries: list[dict[str, Any]], lock: dict[str, Any] | None) -> None:
+    """Flag deploy_started entries that never got an ending (and are not running now)."""
+    ended = {(e.get("deploy_id"), e.get("release")) for e in entries if e.get("event") in ENDINGS}
+    running = (lock or {}).get("deploy_id")
+    for e in entries:
+        if e.get("event") == "deploy_started":
+            key = (e.get("deploy_id"), e.get("release"))
+            if key not in ended and e.get("deploy_id") != running:
+                e["interrupted"] = True
+
+
+def history(env: Environment, hosts: Sequence[HostOps], limit: int | None) -> CommandResult:
+    outcomes = _on_hosts(hosts, env, lambda h: h.read_state())
+    entries: list[dict[str, Any]] = []
+    for h, o in zip(hosts, outcomes, strict=True):
+        if o.value is not None:
+            own = [dict(e, host=e.get("host") or h.name) for e in o.value.history]
+            mark_interrupted(own, o.value.lock)
+            entries.extend(own)
+    # Stable sort: equal timestamps keep each host's own append order.
+    entries.sort(key=lambda e: str(e.get("time", "")))
+    if limit is not None:
+        entries = entries[-limit:] if limit > 0 else []
+    errors = [o.error for o in outcomes]
+    lines = [f"{h.name}: {_error_text(o.error)}" for h, o in zip(hosts, outcomes, strict=True)
+             if o.error]
+    return CommandResult(entries, _worst(errors), lines)
+
+
+# -- commands that change hosts -------------------------------------------------------------
+
+
+def _locked(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, command: str,
+            act: Callable[[HostOps, HostState], T],
+            check: Callable[[HostOps, HostState], None] | None = None) -> list[Outcome[T]]:
+    """Lock every host and run `check` on each; only if all passed, run `act` on each.
+
+    A host that cannot be locked, or fails its check, means nothing changes anywhere.
+    Locks are released on every path out.
+    """
+    states: dict[str, HostState] = {}
+
+    def take(h: HostOps) -> None:
+        h.connect()
+        states[h.name] = h.acquire(ctx.owner(command))
+        if check is not None:
+            check(h, states[h.name])
+
+    try:
+        first = fan_out(hosts, take, env.parallel)
+        if any(not o.ok for o in first):
+            return [Outcome(error=o.error) if not o.ok else
+                    Outcome(error=HostError("not changed: another host failed", host=h.name))
+                    for h, o in zip(hosts, first, strict=True)]
+        return fan_out(hosts, lambda h: act(h, states[h.name]), env.parallel)
+    finally:
+        locked = [h for h in hosts if h.name in states]
+        fan_out(locked, lambda h: h.release_lock(ctx.deploy_id), env.parallel)
+        for h in hosts:
+            h.close()
+
+
+def rollback(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, out: Reporter,
+             to: str | None) -> CommandResult:
+    if to is not None and not is_release_id(to):
+        raise UsageError(f"--to {to!r} is not a release id (YYYYMMDD_HHMMSS)")
+    plans: dict[str, tuple[str, str | None]] = {}
+
+    def plan(h: HostOps, st: HostState) -> tuple[str, str | None]:
+        states = st.states()
+        if to is not None:
+            if to not in st.releases:
+                raise UsageError(f"release {to} does not exist on this host", host=h.name)
+            if to in states.failed:
+                raise UsageError(f"release {to} failed its checks: refusing to roll back to it",
+                                 host=h.name)
+            if to == st.current:
+                raise UsageError(f"release {to} is already live", host=h.name)
+            return to, st.current
+        if states.previous is None:
+            raise DeployFailed("nothing to roll back to: no known-good release before "
+                               f"{st.current or '(none)'}", host=h.name)
+        return states.previous, st.current
+
+    def do(h: HostOps, st: HostState) -> dict[str, Any]:
+        target, live = plans[h.name]
+        entry = ctx.entry("rollback", h.name, release=target, previous=live,
+                          message=f"manual rollback from {live}")
+        try:
+            h.switch(target, [entry])
+        except SwitchoverError as e:
+            raise RollbackFailed(e.message, host=h.name) from None
+        out.step(h.name, f"rolled back: current -> {target} (was {live})")
+        env_vars = hook_environment(env, h.name, target, h.layout.release(target), live)
+        for hook in env.hooks.after_rollback:
+            out.step(h.name, f"after_rollback: {hook}")
+            r = h.run_in_release(target, hook, env_vars, timeout=env.timeout)
+            out.detail(h.name, r.stdout)
+            if not r.ok:
+                raise RollbackFailed(f"switched to {target}, but after_rollback hook failed "
+                                     f"(exit {r.rc}): {hook}: {r.message}", host=h.name)
+        return {"host": h.name, "release": target, "previous": live}
+
+    def check(h: HostOps, st: HostState) -> None:
+        plans[h.name] = plan(h, st)
+
+    outcomes = _locked(env, hosts, ctx, "rollback", do, check)
+    return _result(hosts, outcomes, "rollback", lambda v: v)
+
+
+def _result(hosts: Sequence[HostOps], outcomes: Sequence[Outcome[Any]], command: str,
+            row: Callable[[Any], dict[str, Any]]) -> CommandResult:
+    rows = []
+    for h, o in zip(hosts, outcomes, strict=True):
+        if o.ok:
+            rows.append({"host": h.name, "status": "ok", **row(o.value)})
+        else:
+            rows.append({"host": h.name, "status": "failed", "error": _error_text(o.error)})
+    code = _worst([o.error for o in outcomes])
+    return CommandResult({"command": command, "status": "ok" if code == 0 else "failed",
+                          "hosts": rows}, code)
+
+
+def cleanup(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, out: Reporter,
+            keep: int | None) -> CommandResult:
+    keep_n = keep if keep is not None else env.keep_releases
+    if keep_n < 1:
+        raise UsageError("--keep must be at least 1")
+
+    def do(h: HostOps, st: HostState) -> dict[str, Any]:
+        prune = select_prune(st.states(), keep_n)
+        if prune:
+            h.remove_releases(prune)
+            h.record([ctx.entry("cleanup", h.name, release=None, previous=None,
+                                message="removed " + " ".join(prune), removed=prune)])
+        out.step(h.name, f"removed {len(prune)} release(s)" + (f": {' '.join(prune)}"
+                                                                if prune else ""))
+        return {"removed": prune, "kept": [r for r in st.releases if r not in prune]}
+
+    return _result(hosts, _locked(env, hosts, ctx, "cleanup", do), "cleanup", lambda v: v)
+
+
+def unlock(env: Environment, hosts: Sequence[HostOps], ctx: RunContext,
+           out: Reporter) -> CommandResult:
+    def do(h: HostOps) -> dict[str, Any]:
+        owner = h.force_unlock()
+        if owner is None:
+            out.step(h.name, "not locked")
+            return {"was_locked": False, "owner": None}
+        who = describe_owner(owner)
+        h.record([ctx.entry("unlock", h.name, release=owner.get("release"), previous=None,
+                            message=f"removed lock held by {who}", former_owner=owner)])
+        out.step(h.name, f"removed lock held by {who}")
+        return {"was_locked": True, "owner": owner}
+
+    return _result(hosts, _on_hosts(hosts, env, do), "unlock", lambda v: v)
+
+
+def setup(env: Environment, hosts: Sequence[HostOps], out: Reporter) -> CommandResult:
+    def do(h: HostOps) -> dict[str, Any]:
+        df = h.check_prerequisites(need_rsync=not env.is_local)
+        fields = df.split()
+        free_kb = int(fields[3]) if len(fields) >= 4 and fields[3].isdigit() else None
+        free = f"{free_kb / 1024 / 1024:.1f} GiB free" if free_kb is not None else "free: ?"
+        out.good(h.name, f"ready: {h.layout.deploy_to} ({free})")
+        return {"deploy_to": h.layout.deploy_to, "free_kb": free_kb}
+
+    return _result(hosts, _on_hosts(hosts, env, do), "setup", lambda v: v)
+
+
+__all__ = ["CommandResult", "LockedError", "cleanup", "history", "releases", "rollback",
+           "setup", "status", "unlock"]

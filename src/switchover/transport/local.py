@@ -1,0 +1,128 @@
+"""Run on this machine: the embedded default target, no SSH involved."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from switchover.errors import TransferError
+from switchover.hosts import LOCAL, HostSpec
+from switchover.transport.base import (
+    Result,
+    SyncStats,
+    parse_rsync_stats,
+    rsync_args,
+    run_process,
+)
+
+
+class LocalTransport:
+    def __init__(self, host: HostSpec = LOCAL) -> None:
+        self.host = host
+
+    def connect(self) -> None:
+        return None
+
+    def run(self, script: str, *, timeout: float | None = None) -> Result:
+        cp = run_process(["sh", "-c", script], timeout=timeout, host=self.host.name, what="command")
+        return Result(cp.returncode, cp.stdout, cp.stderr)
+
+    def sync(
+        self,
+        src: Path,
+        dest: str,
+        *,
+        link_dest: str | None,
+        exclude: Sequence[str],
+        timeout: float | None = None,
+    ) -> SyncStats:
+        if shutil.which("rsync"):
+            argv = [*rsync_args(src, link_dest, exclude), dest.rstrip("/") + "/"]
+            cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy")
+            if cp.returncode != 0:
+                raise TransferError(
+                    f"copy failed (rsync exit {cp.returncode}): {Result(1, '', cp.stderr).message}",
+                    host=self.host.name,
+                )
+            return parse_rsync_stats(cp.stdout)
+        try:
+            return copy_tree(src, Path(dest), Path(link_dest) if link_dest else None, exclude)
+        except OSError as e:
+            raise TransferError(f"copy failed: {e}", host=self.host.name) from None
+
+    def close(self) -> None:
+        return None
+
+
+def excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
+    """rsync-like: a pattern without '/' matches a name at any depth, else the whole path."""
+    for pattern in patterns:
+        p = pattern.rstrip("/")
+        if "/" in p:
+            if fnmatch.fnmatchcase(rel, p.lstrip("/")):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def copy_tree(
+    src: Path, dest: Path, link_dest: Path | None, exclude: Sequence[str]
+) -> SyncStats:
+    """Copy src into dest, hard-linking files unchanged since link_dest (rsync-less fallback).
+
+    "Unchanged" is rsync's quick check: same size, same mtime, same mode.
+    """
+    total = sent = sent_bytes = 0
+    dest.mkdir(parents=True, exist_ok=True)
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel_dir = os.path.relpath(dirpath, src)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for name in list(dirnames):
+            rel = os.path.join(rel_dir, name)
+            path = Path(dirpath, name)
+            if excluded(rel, name, exclude):
+                dirnames.remove(name)
+            elif path.is_symlink():
+                dirnames.remove(name)
+                os.symlink(os.readlink(path), dest / rel)
+                total += 1
+            else:
+                (dest / rel).mkdir(exist_ok=True)
+        for name in filenames:
+            rel = os.path.join(rel_dir, name)
+            if excluded(rel, name, exclude):
+                continue
+            s, d = Path(dirpath, name), dest / rel
+            total += 1
+            if s.is_symlink():
+                os.symlink(os.readlink(s), d)
+                continue
+            st = s.stat()
+            if link_dest is not None:
+                old = link_dest / rel
+                try:
+                    ost = old.lstat()
+                    same = (
+                        not old.is_symlink()
+                        and ost.st_size == st.st_size
+                        and int(ost.st_mtime) == int(st.st_mtime)
+                        and ost.st_mode == st.st_mode
+                    )
+                except OSError:
+                    same = False
+                if same:
+                    os.link(old, d)
+                    continue
+            shutil.copy2(s, d)
+            sent += 1
+            sent_bytes += st.st_size
+    for dirpath, _dirnames, _ in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        target = dest if rel == "." else dest / rel
+        if target.is_dir() and not target.is_symlink():
+            shutil.copystat(dirpath, target)
+    return SyncStats(total, sent, sent_bytes, sent_bytes)

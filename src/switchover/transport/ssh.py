@@ -1,0 +1,183 @@
+"""Run on a host over the OpenSSH client, one multiplexed connection per host.
+
+The first step opens a ControlMaster; every later command and the rsync upload ride on it,
+so a deploy costs one TCP connection and one authentication per host.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from switchover.errors import HostError, TransferError
+from switchover.hosts import HostSpec
+from switchover.transport.base import (
+    Result,
+    SyncStats,
+    parse_rsync_stats,
+    rsync_args,
+    run_process,
+)
+
+SSH_CONNECTION_FAILED = 255
+# rsync exit codes that mean the link or the remote side went away, not a local mistake.
+RSYNC_NETWORK_CODES = {10, 12, 30, 35, 255}
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    ssh_config: Path | None = None
+    identity_file: Path | None = None
+    connect_timeout: int = 10
+    # A dropped link must not hang a deploy forever: 3 missed keepalives 5 s apart end it.
+    alive_interval: int = 5
+    alive_count: int = 3
+    persist: int = 120
+
+
+def describe_ssh_failure(stderr: str) -> str:
+    """Turn OpenSSH's stderr into a reason an operator can act on."""
+    text = stderr.strip()
+    low = text.lower()
+    if "remote host identification has changed" in low:
+        return "the host key has CHANGED (possible man-in-the-middle, or a rebuilt host): " \
+            "check it and update known_hosts"
+    if "host key verification failed" in low or "no ed25519 host key is known" in low or (
+        "host key for" in low and "not known" in low
+    ):
+        return "host key verification failed: the host key is unknown or does not match " \
+            "known_hosts (add it with ssh-keyscan after checking its fingerprint)"
+    if "permission denied" in low:
+        return "authentication failed (permission denied): check the user and key"
+    if "could not resolve hostname" in low:
+        return "could not resolve the host name"
+    if "connection refused" in low:
+        return "connection refused (is sshd running, is the port right?)"
+    if "timed out" in low:
+        return "connection timed out"
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("Warning:")]
+    return lines[-1] if lines else "ssh failed"
+
+
+class SshTransport:
+    def __init__(self, host: HostSpec, options: SshOptions) -> None:
+        self.host = host
+        self.options = options
+        # Short path: a ControlPath socket must fit in sun_path (108 bytes).
+        self._control_dir = tempfile.mkdtemp(prefix="swo-", dir="/tmp")
+        self._connected = False
+
+    def _base_args(self) -> list[str]:
+        o = self.options
+        args = ["ssh"]
+        if o.ssh_config:
+            args += ["-F", str(o.ssh_config)]
+        if o.identity_file:
+            args += ["-i", str(o.identity_file), "-o", "IdentitiesOnly=yes"]
+        if self.host.port:
+            args += ["-p", str(self.host.port)]
+        # Host keys are left to OpenSSH's own checking (and the user's ssh_config): BatchMode
+        # turns "ask" into a refusal, so an unknown or changed key is never silently accepted.
+        args += [
+            "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={o.connect_timeout}",
+            "-o", f"ServerAliveInterval={o.alive_interval}",
+            "-o", f"ServerAliveCountMax={o.alive_count}",
+            "-o", f"ControlPath={self._control_dir}/%C",
+        ]
+        return args
+
+    def _command_args(self) -> list[str]:
+        # ControlMaster=no: use the master if it is there, else connect directly.
+        return [*self._base_args(), "-o", "ControlMaster=no"]
+
+    def connect(self) -> None:
+        if self._connected:
+            return
+        # The master forks into the background and keeps its stderr: give it a file, not a
+        # pipe, or our read would wait for the master to exit.
+        with tempfile.TemporaryFile(mode="w+") as err:
+            argv = [
+                *self._base_args(),
+                "-o", "ControlMaster=yes",
+                "-o", f"ControlPersist={self.options.persist}",
+                "-f", "-N", "--", self.host.destination,
+            ]
+            try:
+                rc = subprocess.call(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                    timeout=self.options.connect_timeout + 20,
+                )
+            except subprocess.TimeoutExpired:
+                raise HostError("could not connect: timed out", host=self.host.name) from None
+            err.seek(0)
+            stderr = err.read()
+        if rc != 0:
+            raise HostError(
+                f"could not connect: {describe_ssh_failure(stderr)}", host=self.host.name
+            )
+        self._connected = True
+
+    def run(self, script: str, *, timeout: float | None = None) -> Result:
+        # The remote login shell parses this one string; the script itself is one quoted word.
+        argv = [*self._command_args(), "--", self.host.destination, "sh -c " + shlex.quote(script)]
+        cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command")
+        if cp.returncode == SSH_CONNECTION_FAILED:
+            raise HostError(
+                f"connection lost or refused: {describe_ssh_failure(cp.stderr)}",
+                host=self.host.name,
+            )
+        return Result(cp.returncode, cp.stdout, cp.stderr)
+
+    def rsh(self) -> str:
+        """The ssh command line rsync should use, as one string for `rsync -e`."""
+        return " ".join(shlex.quote(a) for a in self._command_args())
+
+    def sync(
+        self,
+        src: Path,
+        dest: str,
+        *,
+        link_dest: str | None,
+        exclude: Sequence[str],
+        timeout: float | None = None,
+    ) -> SyncStats:
+        # -s (protect args): the remote path reaches rsync verbatim, not re-split by a shell.
+        argv = [
+            *rsync_args(src, link_dest, exclude),
+            "-s",
+            "-e", self.rsh(),
+            f"{self.host.destination}:{dest.rstrip('/')}/",
+        ]
+        cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload")
+        if cp.returncode != 0:
+            reason = describe_ssh_failure(cp.stderr) if cp.returncode == 255 else (
+                Result(1, "", cp.stderr).message
+            )
+            kind = "connection lost during upload" if cp.returncode in RSYNC_NETWORK_CODES else (
+                "upload failed"
+            )
+            raise TransferError(f"{kind} (rsync exit {cp.returncode}): {reason}",
+                                host=self.host.name)
+        return parse_rsync_stats(cp.stdout)
+
+    def close(self) -> None:
+        if self._connected:
+            subprocess.call(
+                [*self._base_args(), "-O", "exit", "--", self.host.destination],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+            )
+            self._connected = False
+        shutil.rmtree(self._control_dir, ignore_errors=True)
