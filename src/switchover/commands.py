@@ -7,6 +7,7 @@ with the exit codes below so the caller can tell a held lock from a broken layou
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -37,8 +38,16 @@ def history_line(entry: Mapping[str, Any]) -> str:
 
 
 def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]]) -> str:
-    # One printf per entry: each append is a single small O_APPEND write.
-    return _lines(*(f"printf '%s\\n' {q(history_line(e))} >> {q(layout.history)}" for e in entries))
+    entries = list(entries)
+    if not entries:
+        return ""
+    h = q(layout.history)
+    # A line torn by a crash (no trailing newline) would swallow our entry: end it first.
+    # Then one printf per entry: each append is a single small O_APPEND write.
+    return _lines(
+        f"if [ -s {h} ] && [ -n \"$(tail -c 1 {h})\" ]; then echo >> {h}; fi",
+        *(f"printf '%s\\n' {q(history_line(e))} >> {h}" for e in entries),
+    )
 
 
 def dump_state(layout: Layout, history_tail: int = 5000) -> str:
@@ -56,7 +65,8 @@ def dump_state(layout: Layout, history_tail: int = 5000) -> str:
         f"echo {q(SECTION + 'lock')}",
         f"if [ -d {q(d.lock)} ]; then echo held; cat {q(d.lock_owner)} 2>/dev/null; echo; fi",
         f"echo {q(SECTION + 'history')}",
-        f"if [ -f {q(d.history)} ]; then tail -n {int(history_tail)} {q(d.history)}; fi",
+        # The trailing echo ends a torn last line so it cannot swallow the end marker.
+        f"if [ -f {q(d.history)} ]; then tail -n {int(history_tail)} {q(d.history)}; echo; fi",
         f"echo {q(SECTION + 'end')}",
     )
 
@@ -149,7 +159,7 @@ def link_shared(layout: Layout, release: str, files: Iterable[str], dirs: Iterab
             f"if [ ! -e {q(src)} ]; then mkdir -p \"$(dirname {q(src)})\";"
             f" if [ -d {q(dst)} ] && [ ! -L {q(dst)} ]; then cp -R {q(dst)} {q(src)};"
             f" else mkdir -p {q(src)}; fi; fi",
-            f"mkdir -p \"$(dirname {q(dst)})\" && rm -rf {q(dst)} && ln -s {q(src)} {q(dst)}",
+            _replace_with_link(src, dst),
         ]
     for item in files:
         src, dst = f"{d.shared}/{item}", f"{rel}/{item}"
@@ -160,9 +170,15 @@ def link_shared(layout: Layout, release: str, files: Iterable[str], dirs: Iterab
             f"  else echo 'shared file '{q(item)}' is missing: create '{q(src)}' on the host'"
             f" >&2; exit {RC_SHARED_MISSING}; fi",
             "fi",
-            f"mkdir -p \"$(dirname {q(dst)})\" && rm -rf {q(dst)} && ln -s {q(src)} {q(dst)}",
+            _replace_with_link(src, dst),
         ]
     return _lines(*out)
+
+
+def _replace_with_link(src: str, dst: str) -> str:
+    # A relative target keeps working if deploy_to is moved or mounted elsewhere.
+    target = posixpath.relpath(src, posixpath.dirname(dst))
+    return f"mkdir -p \"$(dirname {q(dst)})\" && rm -rf {q(dst)} && ln -s {q(target)} {q(dst)}"
 
 
 def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[str]) -> str:

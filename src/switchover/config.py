@@ -43,7 +43,8 @@ def _check_relative(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "5" is not 5. A quoted number in a config is a mistake worth naming.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]

@@ -4,6 +4,7 @@ with --json). Plain `[command] host: text` lines when stderr is not a terminal."
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from typing import Any
@@ -18,7 +19,10 @@ class Reporter:
         self.json_mode = json_mode
         self.verbose = verbose
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.out = Console(highlight=False, soft_wrap=True)
+        # Off a terminal rich assumes 80 columns and folds tables into unreadable slivers;
+        # pipes and CI logs have no width, so give tables room (COLUMNS still wins).
+        width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240
+        self.out = Console(highlight=False, soft_wrap=True, width=width)
         # Parallel hosts report from threads: keep each line whole.
         self._lock = threading.Lock()
 

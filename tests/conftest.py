@@ -1,0 +1,73 @@
+"""Shared fixtures: fleets of real sshd processes on loopback (see sshd_harness.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sshd_harness import SSHD, SshFleet, sshd_available
+
+#: Hosts in the shared session fleet.  Tests needing more use make_ssh_fleet(n).
+SSH_FLEET_SIZE = 3
+
+#: Opt-in: add loopback routes with delayed ACKs off (~2.4x faster ssh handshakes).
+#: Changes the routing table while the fleet runs; see SshFleet._add_quickack_routes.
+QUICKACK = os.environ.get("SWITCHOVER_TEST_QUICKACK", "") not in ("", "0")
+
+MakeSshFleet = Callable[..., SshFleet]
+
+
+def _require_sshd() -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD}, ssh, ssh-keygen needed)")
+
+
+@pytest.fixture(scope="session")
+def make_ssh_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeSshFleet]:
+    """Factory: ``make_ssh_fleet(n=3, **SshFleet_kwargs)`` -> a started SshFleet.
+
+    Every fleet made is stopped at the end of the session.  For a fleet that
+    should die with the test, use it as a context manager: ``with make_ssh_fleet(5):``.
+    """
+    fleets: list[SshFleet] = []
+
+    def make(count: int = SSH_FLEET_SIZE, **kwargs: object) -> SshFleet:
+        _require_sshd()
+        kwargs.setdefault("quickack", QUICKACK)
+        fleet = SshFleet(tmp_path_factory.mktemp("sshfleet"), count, **kwargs)  # type: ignore[arg-type]
+        fleets.append(fleet)
+        return fleet.start()
+
+    yield make
+    errors = []
+    for fleet in reversed(fleets):
+        try:
+            fleet.stop()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def ssh_fleet(make_ssh_fleet: MakeSshFleet) -> SshFleet:
+    """A session-wide fleet of SSH_FLEET_SIZE hosts: web1, web2, web3.
+
+    Shared by all tests: restore what you change (use ``fleet.host_down(...)``
+    rather than bare stop_host) -- or use ``clean_ssh_fleet``.
+    """
+    return make_ssh_fleet(SSH_FLEET_SIZE)
+
+
+@pytest.fixture
+def clean_ssh_fleet(ssh_fleet: SshFleet) -> SshFleet:
+    """The session fleet with every host running and every host root emptied."""
+    ssh_fleet.ensure_running()
+    ssh_fleet.wipe_roots()
+    return ssh_fleet

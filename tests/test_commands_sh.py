@@ -1,0 +1,179 @@
+"""The generated scripts, executed for real by /bin/sh on this machine."""
+
+import json
+import os
+import string
+import subprocess
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from switchover import commands as C
+from switchover.hostops import parse_state
+from switchover.layout import Layout
+
+
+def sh(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+
+
+def make_release(layout: Layout, rid: str, content: str = "x") -> None:
+    p = Path(layout.release(rid))
+    p.mkdir(parents=True)
+    (p / "index.html").write_text(content)
+
+
+def test_switch_is_relative_link_and_replaces_current(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    assert sh(C.make_layout(lay)).returncode == 0
+    make_release(lay, "20260101_000000")
+    make_release(lay, "20260102_000000")
+    assert sh(C.switch(lay, "20260101_000000", [])).returncode == 0
+    assert os.readlink(lay.current) == "releases/20260101_000000"
+    r = sh(C.switch(lay, "20260102_000000", [{"event": "switched"}]))
+    assert r.returncode == 0, r.stderr
+    assert os.readlink(lay.current) == "releases/20260102_000000"
+    assert Path(lay.current, "index.html").read_text() == "x"
+    assert json.loads(Path(lay.history).read_text().splitlines()[-1]) == {"event": "switched"}
+
+
+def test_stale_temp_link_does_not_publish_wrong_release(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260101_000000")
+    make_release(lay, "20260102_000000")
+    # a dead deploy left its temp link pointing at a directory: `ln -s` onto it would create
+    # the new link *inside* that release and the rename would publish the old one
+    os.symlink("releases/20260101_000000", f"{lay.switch_dir}/current")
+    assert sh(C.switch(lay, "20260102_000000", [])).returncode == 0
+    assert os.readlink(lay.current) == "releases/20260102_000000"
+    assert not Path(lay.release("20260101_000000"), "20260102_000000").exists()
+
+
+def test_switch_refuses_real_directory_current(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260101_000000")
+    Path(lay.current).mkdir()
+    (Path(lay.current) / "keep").write_text("precious")
+    r = sh(C.switch(lay, "20260101_000000", []))
+    assert r.returncode == C.RC_CURRENT_IS_DIR
+    assert "real directory" in r.stderr
+    assert (Path(lay.current) / "keep").read_text() == "precious"
+
+
+def test_switch_to_missing_release_leaves_current(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260101_000000")
+    sh(C.switch(lay, "20260101_000000", []))
+    r = sh(C.switch(lay, "20260109_000000", [{"event": "switched"}]))
+    assert r.returncode != 0
+    assert os.readlink(lay.current) == "releases/20260101_000000"
+    assert not Path(lay.history).exists()  # nothing recorded for a switch that did not happen
+
+
+def test_lock_is_exclusive_and_released_only_by_owner(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    a = sh(C.acquire(lay, {"deploy_id": "aaaa", "user": "alice"}))
+    assert a.returncode == 0, a.stderr
+    b = sh(C.acquire(lay, {"deploy_id": "bbbb", "user": "bob"}))
+    assert b.returncode == C.RC_LOCKED
+    assert "alice" in b.stdout
+    sh(C.release_lock(lay, "bbbb"))  # not bob's lock: stays
+    assert Path(lay.lock).is_dir()
+    sh(C.release_lock(lay, "aaaa"))
+    assert not Path(lay.lock).exists()
+
+
+def test_state_dump_roundtrip(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    r = sh(C.acquire(lay, {"deploy_id": "d1"}))
+    make_release(lay, "20260101_000000")
+    sh(
+        C.switch(
+            lay, "20260101_000000", [{"event": "deploy_succeeded", "release": "20260101_000000"}]
+        )
+    )
+    with Path(lay.history).open("a") as f:
+        f.write('{"torn": ')  # a crash mid-line must not break reads
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    assert r.returncode == 0
+    assert state.current == "20260101_000000"
+    assert state.releases == ["20260101_000000"]
+    assert state.lock == {"deploy_id": "d1"}
+    assert [e["event"] for e in state.history] == ["deploy_succeeded"]
+
+
+def test_link_shared_seeds_and_links(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    rel = Path(lay.release("20260101_000000"))
+    (rel / "config").mkdir(parents=True)
+    (rel / "config" / ".env").write_text("SEED=1")
+    (rel / "storage").mkdir()
+    (rel / "storage" / "f").write_text("seeded")
+    r = sh(C.link_shared(lay, "20260101_000000", ["config/.env"], ["storage", "logs/app"]))
+    assert r.returncode == 0, r.stderr
+    assert (rel / "config" / ".env").is_symlink()
+    assert Path(lay.shared, "config/.env").read_text() == "SEED=1"
+    assert Path(lay.shared, "storage/f").read_text() == "seeded"
+    assert (rel / "logs" / "app").is_symlink() and Path(lay.shared, "logs/app").is_dir()
+
+
+def test_link_shared_missing_file_is_an_error(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    Path(lay.release("20260101_000000")).mkdir(parents=True)
+    r = sh(C.link_shared(lay, "20260101_000000", [".env"], []))
+    assert r.returncode == C.RC_SHARED_MISSING
+    assert ".env" in r.stderr
+
+
+def test_run_in_release_env_cwd_and_timeout(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    make_release(lay, "20260101_000000")
+    env = {"SWITCHOVER_RELEASE": "20260101_000000", "SWITCHOVER_APP": "it's $(odd)"}
+    r = sh(C.run_in_release(lay, "20260101_000000", 'pwd; echo "$SWITCHOVER_APP"', env))
+    assert r.stdout.splitlines() == [lay.release("20260101_000000"), "it's $(odd)"]
+    r = sh(C.run_in_release(lay, "20260101_000000", "sleep 5", env, timeout=1))
+    assert r.returncode == 124  # coreutils timeout's code: the host enforced it
+
+
+# Characters that break naive quoting: spaces, quotes, $(), backticks, ;, newlines, non-ASCII.
+NASTY = st.text(
+    alphabet=st.sampled_from(list(string.ascii_letters + " '\"$`;()|&<>*?!\\\n\té中-_.")),
+    min_size=1,
+    max_size=20,
+).filter(lambda s: s not in (".", "..") and "/" not in s)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=NASTY)
+def test_hostile_deploy_to_roundtrips_through_real_sh(tmp_path_factory, name):
+    base = tmp_path_factory.mktemp("q")
+    lay = Layout(str(base / name / "app"))
+    r = sh(C.acquire(lay, {"deploy_id": name}))
+    assert r.returncode == 0, r.stderr
+    make_release(lay, "20260101_000000")
+    assert sh(C.switch(lay, "20260101_000000", [{"message": name}])).returncode == 0
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    assert state.current == "20260101_000000"
+    assert state.history == [{"message": name}]
+    assert state.lock == {"deploy_id": name}
+    r = sh(C.run_in_release(lay, "20260101_000000", 'printf %s "$X"', {"X": name}))
+    assert r.stdout == name
+    # nothing was created outside the intended tree
+    assert sorted(os.listdir(base)) == [name]
+
+
+def test_append_after_torn_line_keeps_new_entry_whole(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    Path(lay.history).write_text('{"event":"a"}\n{"torn": ')
+    assert sh(C.append_history(lay, [{"event": "b"}])).returncode == 0
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    assert [e["event"] for e in state.history] == ["a", "b"]

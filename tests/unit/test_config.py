@@ -1,0 +1,131 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from switchover.config import load_environment
+from switchover.errors import ConfigError, ExitCode
+
+GOOD = """
+app = "hello"
+keep_releases = 3
+[artifact]
+path = "build"
+[shared]
+files = [".env"]
+dirs = ["storage"]
+[health]
+urls = ["http://{host}:8080/health"]
+retries = 2
+[hooks]
+after_switch = ["echo hi"]
+[environments.production]
+hosts = ["deploy@web1.example.com", "web2:2222", "[::1]:22"]
+deploy_to = "/srv/hello"
+keep_releases = 7
+[environments.production.health]
+retries = 9
+[environments.local]
+deploy_to = "./.deploy/hello"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "switchover.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_environment_merges_overrides_key_by_key(tmp_path):
+    env = load_environment(write(tmp_path, GOOD), "production")
+    assert env.keep_releases == 7
+    assert env.health.retries == 9
+    assert env.health.urls == ["http://{host}:8080/health"]  # inherited
+    assert [h.name for h in env.hosts] == ["deploy@web1.example.com", "web2:2222", "[::1]:22"]
+    assert env.hosts[1].port == 2222 and env.hosts[0].user == "deploy"
+
+
+def test_local_deploy_to_is_relative_to_config(tmp_path):
+    env = load_environment(write(tmp_path, GOOD), "local")
+    assert env.is_local
+    assert env.deploy_to == str((tmp_path / ".deploy/hello").resolve())
+    assert env.keep_releases == 3
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key"),
+    [
+        ('app = "hello"\nkeep_relases = 3\n[environments.a]\ndeploy_to="/srv/x"', "keep_relases"),
+        ('app = "hello"\nkeep_releases = 0\n[environments.a]\ndeploy_to="/srv/x"', "keep_releases"),
+        (
+            'app = "hello"\nkeep_releases = "5"\n[environments.a]\ndeploy_to="/srv/x"',
+            "keep_releases",
+        ),
+        ('app = "he llo"\n[environments.a]\ndeploy_to="/srv/x"', "app"),
+        (
+            'app = "x"\n[health]\ntimeout = -1\n[environments.a]\ndeploy_to="/srv/x"',
+            "health.timeout",
+        ),
+        (
+            'app = "x"\n[health]\nurls = ["ftp://x"]\n[environments.a]\ndeploy_to="/srv/x"',
+            "health.urls",
+        ),
+        (
+            'app = "x"\n[shared]\nfiles = ["../etc/passwd"]\n[environments.a]\ndeploy_to="/srv/x"',
+            "shared.files",
+        ),
+        (
+            'app = "x"\n[environments.a]\nhosts=["bad host"]\ndeploy_to="/srv/x"',
+            "environments.a.hosts",
+        ),
+        (
+            'app = "x"\n[environments.a]\nhosts=["h:99999"]\ndeploy_to="/srv/x"',
+            "environments.a.hosts",
+        ),
+        ('app = "x"\n[environments.a]\nhosts=["h"]', "environments.a.deploy_to"),
+        (
+            'app = "x"\n[environments.a]\ndeploy_to="/x"\n[environments.a.hooks]\nbefore=["x"]',
+            "environments.a.hooks.before",
+        ),
+        ('app = "x"\n[environments."a;b"]\ndeploy_to="/srv/x"', "environments"),
+        ('[environments.a]\ndeploy_to="/srv/x"', "app"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, snippet, key):
+    p = write(tmp_path, snippet)
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "a")
+    assert exc.value.code == ExitCode.USAGE
+    assert str(p) in str(exc.value)
+    assert key in str(exc.value)
+
+
+@pytest.mark.parametrize("deploy_to", ["relative/path", "/", "/etc", "/usr/", "/srv"])
+def test_remote_deploy_to_must_be_absolute_and_not_system(tmp_path, deploy_to):
+    p = write(tmp_path, f'app="x"\n[environments.a]\nhosts=["h"]\ndeploy_to="{deploy_to}"\n')
+    with pytest.raises(ConfigError, match="deploy_to"):
+        load_environment(p, "a")
+
+
+def test_malformed_toml(tmp_path):
+    p = write(tmp_path, "app = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_environment(p, "a")
+
+
+def test_missing_file_and_unknown_env(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_environment(tmp_path / "nope.toml", "a")
+    with pytest.raises(ConfigError, match="no environment 'staging'"):
+        load_environment(write(tmp_path, GOOD), "staging")
+
+
+def test_missing_identity_file_is_config_error(tmp_path):
+    p = write(
+        tmp_path,
+        'app="x"\n[environments.a]\nhosts=["h"]\ndeploy_to="/srv/x"\n'
+        'identity_file="~/nope/id_ed25519_missing"\n',
+    )
+    with pytest.raises(ConfigError, match="identity_file") as exc:
+        load_environment(p, "a")
+    assert exc.value.code == 2
