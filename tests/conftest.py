@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from project import Project, local_target, ssh_target
 from sshd_harness import SSHD, SshFleet, sshd_available
 
 #: Hosts in the shared session fleet.  Tests needing more use make_ssh_fleet(n).
@@ -71,3 +72,55 @@ def clean_ssh_fleet(ssh_fleet: SshFleet) -> SshFleet:
     ssh_fleet.ensure_running()
     ssh_fleet.wipe_roots()
     return ssh_fleet
+
+
+@pytest.fixture(params=["local", "ssh"])
+def project(request: pytest.FixtureRequest, tmp_path: Path) -> Project:
+    """A demo project deploying to a local target, or to two real sshd hosts."""
+    if request.param == "local":
+        target = local_target(tmp_path)
+    else:
+        fleet = request.getfixturevalue("ssh_fleet")
+        if not fleet.shared_path:
+            pytest.skip("per-host mount namespaces unavailable")
+        fleet.ensure_running()
+        target = ssh_target(fleet, tmp_path.name)
+    return Project(tmp_path / "proj", target)
+
+
+class _Health:
+    """A real HTTP server on loopback whose answer the test controls."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.status = 200
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.hits += 1
+                self.send_response(outer.status)
+                self.end_headers()
+                self.wfile.write(b"ok\n" if outer.status == 200 else b"down\n")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_health() -> Iterator[_Health]:
+    h = _Health()
+    yield h
+    h.close()

@@ -312,6 +312,8 @@ class Deployer:
         try:
             return self._run()
         finally:
+            for r in self.runs:
+                r.ops.transport.abort = None  # unlocking must never be cut short
             try:
                 self._unlock_all()
             finally:
@@ -330,6 +332,9 @@ class Deployer:
 
     def _run(self) -> DeployReport:
         runs = self.runs
+        # Before the switch nothing live depends on a step: Ctrl-C kills it at once.
+        for r in runs:
+            r.ops.transport.abort = self.cancel
         # 1. prepare
         self._each(runs, self._prepare)
         if self.cancel.is_set() or self._failed():
@@ -356,6 +361,8 @@ class Deployer:
             reason = "interrupted before the switch" if interrupted else "; ".join(
                 str(r.error) for r in self._failed()
             )
+            for r in runs:
+                r.ops.transport.abort = None
             begun = [r for r in runs if r.begun]
             outcomes = fan_out(begun, lambda r: self._abort_staged(r, reason), self.env.parallel)
             for r, o in zip(begun, outcomes, strict=True):
@@ -372,7 +379,10 @@ class Deployer:
             code = ExitCode.DEPLOY_FAILED if hook else ExitCode.UNREACHABLE
             return self._report("failed", code, f"{reason}: current unchanged on every host")
 
-        # 3. switch, hooks, health
+        # 3. switch, hooks, health. From here on a step in flight runs to its end: a
+        # restart killed halfway is worse than a few more seconds.
+        for r in runs:
+            r.ops.transport.abort = None
         self._each(runs, self._switch)
         failed = self._failed()
         if self.cancel.is_set() or failed:

@@ -50,11 +50,12 @@ class Reporter:
                 self._emit(f"{host}:   {line}", "dim")
 
     def result_line(self, text: str, ok: bool = True) -> None:
-        """The final summary line: stdout for humans, stderr when stdout carries JSON."""
+        """The final summary line: stdout on success, stderr on failure or under --json."""
         line = f"[{self.command}] {text}"
         style = "bold green" if ok else "bold red"
+        console = self.out if ok and not self.json_mode else self.err
         with self._lock:
-            (self.err if self.json_mode else self.out).print(escape(line), style=style)
+            console.print(escape(line), style=style)
 
     def print(self, renderable: Any) -> None:
         self.out.print(renderable)

@@ -7,12 +7,14 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from switchover.errors import HostError
+from switchover.errors import HostError, Interrupted
 from switchover.hosts import HostSpec
 
 
@@ -46,6 +48,7 @@ class SyncStats:
 
 class Transport(Protocol):
     host: HostSpec
+    abort: threading.Event | None  # when set, the running step is killed at once
 
     def connect(self) -> None: ...
 
@@ -65,12 +68,18 @@ class Transport(Protocol):
 
 
 def run_process(
-    argv: Sequence[str], *, timeout: float | None, host: str, what: str
+    argv: Sequence[str],
+    *,
+    timeout: float | None,
+    host: str,
+    what: str,
+    abort: threading.Event | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv in its own session so Ctrl-C reaches us, not the child mid-step.
 
-    The deploy decides what an interrupt means (stop before the switch, finish or roll back
-    after it); a child killed by the terminal's SIGINT could leave a step half-done.
+    The deploy decides what an interrupt means: before the switch it sets `abort` and the
+    step is killed at once (nothing live depends on it); after the switch steps run to
+    their end. A child killed by the terminal's SIGINT could leave a step half-done.
     """
     proc = subprocess.Popen(
         list(argv),
@@ -81,22 +90,41 @@ def run_process(
         errors="replace",
         start_new_session=True,
     )
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise HostError(f"{what} timed out after {timeout:g} s", host=host) from None
-    except BaseException:
+        while True:
+            if abort is not None and abort.is_set():
+                raise Interrupted(f"{what} interrupted", host=host)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise HostError(f"{what} timed out after {timeout:g} s", host=host)
+            wait = 0.2 if abort is not None else None  # poll the abort flag
+            if left is not None:
+                wait = left if wait is None else min(wait, left)
+            try:
+                out, err = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    except BaseException:  # our own Interrupted/HostError above, or Ctrl-C
         _kill_group(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """Kill the child's process group and reap it, without waiting for EOF on its pipes.
+
+    Over a ControlMaster the master holds copies of our pipe fds until the remote side
+    ends, so reading to EOF after a kill could wait as long as the remote command runs.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=5)
+        proc.wait(timeout=5)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 _STAT_PATTERNS = {
@@ -118,7 +146,10 @@ def parse_rsync_stats(output: str) -> SyncStats:
 
 def rsync_args(src: Path, link_dest: str | None, exclude: Sequence[str]) -> list[str]:
     """The rsync options shared by both transports (destination appended by the caller)."""
-    args = ["rsync", "-a", "--delete", "--stats", "--timeout=60"]
+    # --checksum: rsync's quick check (size + mtime) would hard-link the *old* copy of a
+    # file whose content changed but whose size did not, whenever mtimes are pinned
+    # (reproducible builds, `git archive`, SOURCE_DATE_EPOCH) or fall in one second.
+    args = ["rsync", "-a", "--checksum", "--delete", "--stats", "--timeout=60"]
     if link_dest:
         # Unchanged files become hard links to the live release's copies: not sent, not stored.
         args.append(f"--link-dest={link_dest}")

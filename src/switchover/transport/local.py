@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import filecmp
 import fnmatch
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +24,14 @@ from switchover.transport.base import (
 class LocalTransport:
     def __init__(self, host: HostSpec = LOCAL) -> None:
         self.host = host
+        self.abort: threading.Event | None = None
 
     def connect(self) -> None:
         return None
 
     def run(self, script: str, *, timeout: float | None = None) -> Result:
-        cp = run_process(["sh", "-c", script], timeout=timeout, host=self.host.name, what="command")
+        cp = run_process(["sh", "-c", script], timeout=timeout, host=self.host.name, what="command",
+                         abort=self.abort)
         return Result(cp.returncode, cp.stdout, cp.stderr)
 
     def sync(
@@ -41,7 +45,8 @@ class LocalTransport:
     ) -> SyncStats:
         if shutil.which("rsync"):
             argv = [*rsync_args(src, link_dest, exclude), dest.rstrip("/") + "/"]
-            cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy")
+            cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
+                             abort=self.abort)
             if cp.returncode != 0:
                 raise TransferError(
                     f"copy failed (rsync exit {cp.returncode}): {Result(1, '', cp.stderr).message}",
@@ -74,7 +79,8 @@ def copy_tree(
 ) -> SyncStats:
     """Copy src into dest, hard-linking files unchanged since link_dest (rsync-less fallback).
 
-    "Unchanged" is rsync's quick check: same size, same mtime, same mode.
+    "Unchanged" means same size, mode and content (like rsync --checksum): equal mtimes
+    prove nothing when builds pin them.
     """
     total = sent = sent_bytes = 0
     dest.mkdir(parents=True, exist_ok=True)
@@ -109,8 +115,8 @@ def copy_tree(
                     same = (
                         not old.is_symlink()
                         and ost.st_size == st.st_size
-                        and int(ost.st_mtime) == int(st.st_mtime)
                         and ost.st_mode == st.st_mode
+                        and filecmp.cmp(old, s, shallow=False)
                     )
                 except OSError:
                     same = False

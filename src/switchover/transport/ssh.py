@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class SshTransport:
         # Short path: a ControlPath socket must fit in sun_path (108 bytes).
         self._control_dir = tempfile.mkdtemp(prefix="swo-", dir="/tmp")
         self._connected = False
+        self.abort: threading.Event | None = None
 
     def _base_args(self) -> list[str]:
         o = self.options
@@ -130,7 +132,8 @@ class SshTransport:
     def run(self, script: str, *, timeout: float | None = None) -> Result:
         # The remote login shell parses this one string; the script itself is one quoted word.
         argv = [*self._command_args(), "--", self.host.destination, "sh -c " + shlex.quote(script)]
-        cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command")
+        cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command",
+                         abort=self.abort)
         if cp.returncode == SSH_CONNECTION_FAILED:
             raise HostError(
                 f"connection lost or refused: {describe_ssh_failure(cp.stderr)}",
@@ -158,7 +161,8 @@ class SshTransport:
             "-e", self.rsh(),
             f"{self.host.destination}:{dest.rstrip('/')}/",
         ]
-        cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload")
+        cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
+                         abort=self.abort)
         if cp.returncode != 0:
             reason = describe_ssh_failure(cp.stderr) if cp.returncode == 255 else (
                 Result(1, "", cp.stderr).message

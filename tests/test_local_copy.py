@@ -1,0 +1,29 @@
+"""The rsync-less copier used by the local target when rsync is not installed."""
+
+import os
+
+from switchover.transport.local import copy_tree
+
+
+def test_copy_tree_links_unchanged_and_copies_changed_even_with_equal_mtime(tmp_path):
+    src, old, new = tmp_path / "src", tmp_path / "old", tmp_path / "new"
+    (src / "d").mkdir(parents=True)
+    (src / "same.txt").write_text("same")
+    (src / "d" / "changed.txt").write_text("v2")
+    (src / "skip.log").write_text("x")
+    os.symlink("same.txt", src / "link")
+    old.mkdir()
+    (old / "d").mkdir()
+    (old / "same.txt").write_text("same")
+    (old / "d" / "changed.txt").write_text("v1")
+    for p in ("same.txt", "d/changed.txt"):
+        st = (src / p).stat()
+        os.utime(old / p, (st.st_atime, st.st_mtime))
+        os.chmod(old / p, st.st_mode)
+    stats = copy_tree(src, new, old, ["*.log"])
+    assert (new / "same.txt").stat().st_ino == (old / "same.txt").stat().st_ino
+    assert (new / "d" / "changed.txt").read_text() == "v2"
+    assert (new / "d" / "changed.txt").stat().st_ino != (old / "d" / "changed.txt").stat().st_ino
+    assert os.readlink(new / "link") == "same.txt"
+    assert not (new / "skip.log").exists()
+    assert stats.files_transferred == 1

@@ -1,0 +1,73 @@
+"""What only an SSH target has: reachability, keys, host keys, multiplexing."""
+
+from __future__ import annotations
+
+import pytest
+from project import Project, ssh_target
+
+
+@pytest.fixture
+def sshp(ssh_fleet, tmp_path) -> Project:
+    if not ssh_fleet.shared_path:
+        pytest.skip("per-host mount namespaces unavailable")
+    ssh_fleet.ensure_running()
+    return Project(tmp_path / "proj", ssh_target(ssh_fleet, tmp_path.name, hosts=3))
+
+
+def test_unreachable_host_exits_3_and_changes_nothing_anywhere(sshp: Project, ssh_fleet):
+    sshp.ok("deploy", "test")
+    first = {h: sshp.current(h) for h in sshp.target.hosts}
+    (sshp.app / "index.html").write_text("v2\n")
+    with ssh_fleet.host_down("web2"):
+        r = sshp.run("deploy", "test")
+    assert r.returncode == 3, r.stderr
+    assert "web2" in r.stderr and "connection refused" in r.stderr
+    for h in sshp.target.hosts:
+        assert sshp.current(h) == first[h]
+        assert sshp.releases(h) == [first[h]]
+        assert not sshp.locked(h)
+        assert sshp.live_file("index.html", h) == "v1\n"
+
+
+def test_status_reports_unreachable_host(sshp: Project, ssh_fleet):
+    sshp.ok("deploy", "test")
+    with ssh_fleet.host_down("web3"):
+        doc = sshp.json("status", "test", code=3)
+    by_host = {h["host"]: h for h in doc["hosts"]}
+    assert by_host["web3"]["reachable"] is False and by_host["web3"]["error"]
+    assert by_host["web1"]["reachable"] is True and by_host["web1"]["current"]
+
+
+def test_missing_identity_file_exits_2_before_touching_hosts(sshp: Project):
+    sshp.write_config(env_extra='identity_file = "/nonexistent/id_ed25519"\n')
+    r = sshp.run("deploy", "test")
+    assert r.returncode == 2
+    assert "identity_file" in r.stderr and "/nonexistent/id_ed25519" in r.stderr
+    for h in sshp.target.hosts:
+        assert not sshp.root(h).exists()
+
+
+def test_one_ssh_connection_per_host_per_deploy(sshp: Project, ssh_fleet):
+    sshp.ok("deploy", "test")
+    before = ssh_fleet.connection_counts()
+    (sshp.app / "index.html").write_text("v2\n")
+    sshp.ok("deploy", "test", "--check", "true")
+    after = ssh_fleet.connection_counts()
+    for h in sshp.target.hosts:
+        assert after[h] - before[h] == 1, (h, before[h], after[h])
+
+
+def test_unknown_host_key_is_refused_with_exit_3(sshp: Project, ssh_fleet, tmp_path):
+    # same hosts, but a known_hosts that does not list them
+    cfg = tmp_path / "ssh_config_empty_known"
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    text = ssh_fleet.ssh_config.read_text().replace(str(ssh_fleet.known_hosts), str(empty))
+    cfg.write_text(text)
+    sshp.target.env_toml = sshp.target.env_toml.replace(str(ssh_fleet.ssh_config), str(cfg))
+    sshp.write_config()
+    r = sshp.run("deploy", "test")
+    assert r.returncode == 3
+    assert "host key verification failed" in r.stderr
+    for h in sshp.target.hosts:
+        assert not sshp.root(h).exists()
