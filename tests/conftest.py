@@ -124,3 +124,16 @@ def http_health() -> Iterator[_Health]:
     h = _Health()
     yield h
     h.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _run_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep every run's log file (see runlog.py) out of the real ~/.local/state."""
+    old = os.environ.get("SWITCHOVER_LOG_DIR")
+    logs = tmp_path_factory.mktemp("run-logs")
+    os.environ["SWITCHOVER_LOG_DIR"] = str(logs)
+    yield logs
+    if old is None:
+        os.environ.pop("SWITCHOVER_LOG_DIR", None)
+    else:
+        os.environ["SWITCHOVER_LOG_DIR"] = old

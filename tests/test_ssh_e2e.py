@@ -71,3 +71,32 @@ def test_unknown_host_key_is_refused_with_exit_3(sshp: Project, ssh_fleet, tmp_p
     assert "host key verification failed" in r.stderr
     for h in sshp.target.hosts:
         assert not sshp.root(h).exists()
+
+
+def test_changed_host_key_is_refused_with_exit_3(sshp: Project, ssh_fleet, tmp_path):
+    sshp.ok("deploy", "test")
+    first = {h: sshp.current(h) for h in sshp.target.hosts}
+    # known_hosts lists a different key for web2 (any other ed25519 key will do)
+    web2 = ssh_fleet.host("web2")
+    other = ssh_fleet.identity_file.with_name(ssh_fleet.identity_file.name + ".pub")
+    key_type, key = other.read_text().split()[:2]
+    lines = ssh_fleet.known_hosts.read_text().splitlines()
+    entry = f"[{web2.address}]:{web2.port} "
+    assert any(line.startswith(entry) for line in lines)
+    changed = tmp_path / "changed_known_hosts"
+    changed.write_text("\n".join(f"{entry}{key_type} {key}" if line.startswith(entry) else line
+                                 for line in lines) + "\n")
+    cfg = tmp_path / "ssh_config_changed_key"
+    cfg.write_text(ssh_fleet.ssh_config.read_text().replace(str(ssh_fleet.known_hosts),
+                                                            str(changed)))
+    cfg.chmod(0o600)
+    sshp.target.env_toml = sshp.target.env_toml.replace(str(ssh_fleet.ssh_config), str(cfg))
+    sshp.write_config()
+    (sshp.app / "index.html").write_text("v2\n")
+    r = sshp.run("deploy", "test")
+    assert r.returncode == 3, r.stderr
+    assert "web2" in r.stderr and "host key has CHANGED" in r.stderr
+    for h in sshp.target.hosts:
+        assert sshp.current(h) == first[h]
+        assert sshp.releases(h) == [first[h]]
+        assert not sshp.locked(h)

@@ -8,7 +8,9 @@ refused before a host is touched (exit 2).
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
+import posixpath
 import shutil
 import stat
 import subprocess
@@ -93,20 +95,91 @@ def _check_member(m: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _norm(name: str) -> str:
+    return posixpath.normpath(name).lstrip("/") if name else name
+
+
+def _check_archive(members: Sequence[tarfile.TarInfo]) -> tuple[str, str] | None:
+    """(entry, reason) for the first entry refused in the context of the whole archive.
+
+    Beyond each entry's own checks: no entry may be written *through* a symlink of the
+    archive (legitimate archives never need to; hostile ones escape that way), and a hard
+    link must name a regular file that came earlier in the archive.
+    """
+    symlinks: set[str] = set()
+    files: set[str] = set()
+    for m in members:
+        reason = _check_member(m)
+        if reason:
+            return m.name, reason
+        name = _norm(m.name)
+        for parent in PurePosixPath(name).parents:
+            if str(parent) in symlinks:
+                return m.name, f"its path goes through the symlink {str(parent)!r}"
+        if m.islnk() and _norm(m.linkname) not in files:
+            return m.name, (f"hard link to {m.linkname!r}, which is not a regular file "
+                            "earlier in the archive")
+        if m.issym():
+            symlinks.add(name)
+        else:
+            symlinks.discard(name)
+        if m.isfile() or m.islnk():
+            files.add(name)
+    return None
+
+
+def _check_complete(tar: tarfile.TarFile, path: Path) -> None:
+    """Refuse an archive cut short: tarfile itself stops quietly at a missing header.
+
+    After the last entry a tar archive has an end-of-archive block of zeros. An archive cut
+    at an entry boundary lacks it (and loses every later entry without a word); reading
+    the compressed stream to its end checks the compressor's own trailer and checksum.
+    """
+    f = tar.fileobj
+    assert f is not None
+    f.seek(tar.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise ArtifactError(f"{path}: truncated archive: no end-of-archive marker after "
+                            f"the last entry")
+    while f.read(1 << 20):
+        pass
+
+
+def check_links_inside(root: Path, label: str | Path) -> None:
+    """Every symlink under root must resolve inside root, following links on the way.
+
+    A per-link look at the target text is not enough: `s -> .` and `p -> s/..` each look
+    harmless, yet p resolves to root's parent.
+    """
+    real_root = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                continue
+            resolved = os.path.realpath(p)
+            if resolved != real_root and not resolved.startswith(real_root + os.sep):
+                rel = os.path.relpath(p, root)
+                raise ArtifactError(f"{label}: refusing entry {rel!r}: symlink "
+                                    f"{os.readlink(p)!r} resolves outside the release")
+
+
 def extract_tarball(path: Path, into: Path) -> None:
     try:
         with tarfile.open(path) as tar:
             members = tar.getmembers()
-            for m in members:
-                reason = _check_member(m)
-                if reason:
-                    raise ArtifactError(f"{path}: refusing entry {m.name!r}: {reason}")
+            refused = _check_archive(members)
+            if refused:
+                raise ArtifactError(f"{path}: refusing entry {refused[0]!r}: {refused[1]}")
             # The data filter is a second line of defence behind our own checks.
             tar.extractall(into, members=members, filter="data")
+            _check_complete(tar, path)
     except ArtifactError:
         raise
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
         raise ArtifactError(f"{path}: corrupt or truncated archive: {e}") from None
+    check_links_inside(into, path)
 
 
 def check_tree(root: Path) -> None:
@@ -129,6 +202,7 @@ def check_tree(root: Path) -> None:
                 raise ArtifactError(f"{root}: refusing {rel}: FIFO or socket")
             elif st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(st.st_mode):
                 raise ArtifactError(f"{root}: refusing {rel}: setuid/setgid bit")
+    check_links_inside(root, root)
 
 
 def tree_digest(root: Path, exclude: Sequence[str]) -> tuple[str, int, int]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -13,14 +15,25 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from switchover import __version__, manage
+from switchover import __version__, histview, manage, notify, plan, runlog
 from switchover.artifact import prepare, run_build
-from switchover.config import Environment, config_path_from, load_environment
+from switchover.config import (
+    Environment,
+    check_batch_size,
+    check_canary_hosts,
+    config_path_from,
+    load_environment,
+)
 from switchover.context import RunContext
-from switchover.deploy import Deployer
+from switchover.deploy import Deployer, DeployReport
 from switchover.errors import EXIT_CODE_HELP, ExitCode, SwitchoverError, UsageError
+from switchover.hostops import HostOps
 from switchover.output import Reporter
+from switchover.scaffold import complete_environment
+from switchover.secrets import Redactor, load_secrets, redactor_for
+from switchover.selection import override, select_hosts
 from switchover.session import open_hosts
+from switchover.transport.base import abort_running
 
 
 class Ctx:
@@ -28,24 +41,75 @@ class Ctx:
         self.config = config_path_from(config)
         self.json = json_mode
         self.verbose = verbose
+        # Filled by the per-command options below (see `host_options`, `fleet_options`).
+        self.hosts: tuple[str, ...] = ()
+        self.hosts_from: str | None = None
+        self.overrides: dict[str, Any] = {}
+        # Masks [secrets] values in everything printed, errors included (set by env()).
+        self.redact: Callable[[str], str] = Redactor()
+        self.out: Reporter | None = None  # the command's reporter, once it has one
+        self.run_ctx: RunContext | None = None
 
     def env(self, name: str) -> Environment:
-        return load_environment(self.config, name)
+        env = load_environment(self.config, name)
+        self.redact = redactor_for(env)
+        env = select_hosts(env, self.hosts, self.hosts_from)
+        return override(env, **self.overrides)
 
-    def reporter(self, command: str) -> Reporter:
-        return Reporter(command, json_mode=self.json, verbose=self.verbose)
+    def reporter(self, command: str, env: Environment | None = None) -> Reporter:
+        """The command's reporter; with `env`, commands that act on hosts get a log file."""
+        out = Reporter(command, json_mode=self.json, verbose=self.verbose)
+        out.redact = self.redact  # type: ignore[method-assign]  # secret values -> ***
+        self.out = out
+        if env is not None and command in runlog.LOGGED:
+            runlog.start(out, env, self.run_context(env))
+        return out
+
+    def run_context(self, env: Environment) -> RunContext:
+        """Who runs this command: one per run, so the log and the history share an id."""
+        if self.run_ctx is None:
+            self.run_ctx = RunContext(env.app, env.name)
+        return self.run_ctx
+
+    def host_ops(self, env: Environment) -> list[HostOps]:
+        """The environment's hosts, each script they run traced to the reporter (-vv, log)."""
+        hosts = open_hosts(env)
+        for h in hosts:
+            h.tracer = self.out
+            h.warn = self.out.warn if self.out is not None else None
+        return hosts
 
 
-def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
-    raise KeyboardInterrupt
+class _Interrupts:
+    """Ctrl-C or SIGTERM. The first stops safely: before the switch nothing changes; after
+    it the step in flight finishes and the deploy says how it ended (checked or rolled
+    back). The second aborts now: every step in flight is killed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, frame: Any) -> NoReturn:
+        self.count += 1
+        # os.write, not the Reporter: a signal handler must not wait for a lock.
+        if self.count == 1:
+            os.write(2, b"\n[switchover] interrupted: stopping safely "
+                        b"(press Ctrl-C again to abort at once)\n")
+        else:
+            abort_running()
+            os.write(2, b"\n[switchover] aborting now: steps in flight are killed\n")
+        raise KeyboardInterrupt
 
 
 def _fail(obj: Ctx, command: str, error: SwitchoverError | str, code: int) -> NoReturn:
-    message = str(error)
+    message = obj.redact(str(error))
     hint = error.hint if isinstance(error, SwitchoverError) else None
+    hint = obj.redact(hint) if hint else hint
     if obj.json:
         click.echo(_json({"command": command, "status": "error", "exit_code": code,
                           "error": message, "hint": hint}))
+    if obj.out is not None:  # also into the run's log, and say where that is
+        obj.out.error(message, hint)
+        sys.exit(code)
     err = Reporter(command).err
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if hint:
@@ -63,16 +127,26 @@ def run_command(command: str, fn: Callable[[Ctx], int]) -> Callable[..., None]:
     """Wrap a command body: map domain errors to exit codes, Ctrl-C to 130."""
 
     def wrapper(obj: Ctx) -> None:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        interrupts = _Interrupts()
+        signal.signal(signal.SIGTERM, interrupts)
+        signal.signal(signal.SIGINT, interrupts)
         try:
-            code = fn(obj)
-        except SwitchoverError as e:
-            if obj.verbose > 1:
-                traceback.print_exc()
-            _fail(obj, command, e, int(e.code))
-        except KeyboardInterrupt:
-            _fail(obj, command, "interrupted", 130)
-        sys.exit(code)
+            try:
+                code = fn(obj)
+            except SwitchoverError as e:
+                if obj.verbose > 1:
+                    sys.stderr.write(obj.redact(traceback.format_exc()))
+                _fail(obj, command, e, int(e.code))
+            except KeyboardInterrupt:
+                if interrupts.count > 1:
+                    _fail(obj, command, "aborted: the steps in flight were killed; every host "
+                          "is on a complete release, but not necessarily the same one: check "
+                          "with `switchover status`", 130)
+                _fail(obj, command, "interrupted", 130)
+            sys.exit(code)
+        finally:
+            if obj.out is not None:
+                obj.out.close()  # stop the live display, close the log file
 
     return wrapper
 
@@ -93,6 +167,72 @@ def main(ctx: click.Context, config: str | None, json_mode: bool, verbose: int) 
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def _store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    obj = ctx.find_object(Ctx)
+    assert obj is not None and param.name is not None
+    if param.name in ("hosts", "hosts_from"):
+        setattr(obj, param.name, value)
+    else:
+        obj.overrides[param.name] = value
+    return value
+
+
+def host_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--host / --hosts-from / --parallel for every command that works on an environment."""
+    for decorator in reversed((
+        click.option("--host", "hosts", multiple=True, metavar="NAME", expose_value=False,
+                     callback=_store, help="Only this host (repeatable)."),
+        click.option("--hosts-from", metavar="FILE", expose_value=False, callback=_store,
+                     help="Use the hosts listed in FILE (one per line) instead."),
+        click.option("--parallel", type=click.IntRange(min=1), expose_value=False,
+                     callback=_store, help="Hosts worked on at once (default: config, 10)."),
+    )):
+        f = decorator(f)
+    return f
+
+
+def fleet_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How a deploy moves through the fleet; each overrides the environment's setting."""
+    for decorator in reversed((
+        click.option("--strategy", type=click.Choice(["all", "rolling", "canary"]),
+                     expose_value=False, callback=_store, help="all, rolling or canary."),
+        click.option("--batch-size", expose_value=False, callback=_batch_size,
+                     metavar="N|P%", help="Hosts per rolling batch, or a percentage."),
+        click.option("--canary-hosts", expose_value=False, callback=_canary_hosts,
+                     metavar="N|HOST,...", help="How many canary hosts, or which."),
+        click.option("--canary-wait", type=click.FloatRange(min=0), expose_value=False,
+                     callback=_store, metavar="SECONDS", help="Watch the canary this long."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                     expose_value=False, callback=_store, metavar="SECONDS",
+                     help="Per-step timeout on each host."),
+    )):
+        f = decorator(f)
+    return f
+
+
+def _batch_size(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    parsed: int | str = int(value) if value.isdigit() else value
+    try:
+        check_batch_size(parsed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return _store(ctx, param, parsed)
+
+
+def _canary_hosts(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    parsed: int | list[str] = int(value) if value.isdigit() else [
+        v.strip() for v in value.split(",") if v.strip()]
+    try:
+        check_canary_hosts(parsed)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return _store(ctx, param, parsed)
+
+
 def _artifact_path(obj: Ctx, env: Environment, explicit: str | None) -> tuple[Path, bool]:
     """The artifact to deploy, and whether the configured build should run first."""
     if explicit:
@@ -106,36 +246,48 @@ def _artifact_path(obj: Ctx, env: Environment, explicit: str | None) -> tuple[Pa
 
 
 @main.command(epilog=EXIT_CODE_HELP)
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @click.option("--artifact", metavar="PATH", help="Directory or tarball (overrides the config).")
 @click.option("--check", "checks", multiple=True, metavar="CMD",
               help="Extra health-check command run on each host (repeatable).")
 @click.option("--url", "urls", multiple=True, metavar="URL",
               help="Extra health-check URL fetched from here; {host} is replaced (repeatable).")
 @click.option("--message", "-m", default="", help="A note recorded in the history.")
+@click.option("--dry-run", is_flag=True,
+              help="Read the hosts and print the plan; change nothing (no lock, no history).")
+@fleet_options
 @pass_ctx
 def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, ...],
-           urls: tuple[str, ...], message: str) -> None:
+           urls: tuple[str, ...], message: str, dry_run: bool) -> None:
     """Upload a release to every host, switch to it, check it; roll back if it fails."""
 
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
+        secrets = load_secrets(env, strict=True)  # a missing from_env name: exit 2, here
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise UsageError(f"--url {url!r} is not an http:// or https:// URL")
-        out = obj.reporter("deploy")
+        out = obj.reporter("deploy", env)
         source, build = _artifact_path(obj, env, artifact)
+        if dry_run:
+            return plan.dry_run(env, obj.host_ops(env), out, source, checks=checks, urls=urls,
+                                build=env.artifact.build if build else None, json_mode=obj.json)
         if build and env.artifact.build:
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
         art = prepare(source, env.artifact.exclude)
         try:
-            report = Deployer(env, open_hosts(env), out, RunContext(env.app, env.name),
-                              artifact=art, checks=checks, urls=urls, message=message).run()
+            report = Deployer(env, obj.host_ops(env), out, obj.run_context(env),
+                              artifact=art, checks=checks, urls=urls, message=message,
+                              secrets=secrets).run()
         finally:
             art.cleanup()
+        notify.notify(env, notify.deploy_notice(report, obj.run_context(env)), out)
         if obj.json:
             out.emit_json(report.to_json())
+        elif len(report.hosts) > 1 or report.exit_code != 0:
+            out.print(_deploy_table(report))
         out.result_line(f"{env.name}: {report.message} ({report.seconds:.1f} s)",
                         ok=report.exit_code == 0)
         return report.exit_code
@@ -143,8 +295,24 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
     run_command("deploy", body)(obj)
 
 
+_RESULT_STYLE = {"succeeded": "green", "rolled_back": "yellow", "unchanged": "dim",
+                 "failed": "red", "rollback_failed": "bold red"}
+
+
+def _deploy_table(report: DeployReport) -> Table:
+    """The per-host summary after a deploy: host, result, release live now, time."""
+    t = Table("host", "result", "release", "time", "error")
+    for h in report.hosts:
+        live = report.release if h.status == "succeeded" else h.previous
+        style = _RESULT_STYLE.get(h.status, "")
+        t.add_row(h.name, f"[{style}]{h.status}[/]" if style else h.status, live or "(none)",
+                  f"{h.seconds:.1f} s", escape(h.error.message) if h.error else "")
+    return t
+
+
 @main.command(epilog=EXIT_CODE_HELP)
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @click.option("--to", "to", metavar="RELEASE", help="Roll back to this release instead.")
 @pass_ctx
 def rollback(obj: Ctx, environment: str, to: str | None) -> None:
@@ -152,8 +320,12 @@ def rollback(obj: Ctx, environment: str, to: str | None) -> None:
 
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
-        out = obj.reporter("rollback")
-        result = manage.rollback(env, open_hosts(env), RunContext(env.app, env.name), out, to)
+        out = obj.reporter("rollback", env)
+        t0 = time.monotonic()
+        result = manage.rollback(env, obj.host_ops(env), obj.run_context(env), out, to)
+        if result.exit_code in (ExitCode.OK, ExitCode.ROLLBACK_FAILED):  # something switched
+            notify.notify(env, notify.rollback_notice(result.doc, obj.run_context(env),
+                                                      time.monotonic() - t0), out)
         return _finish(obj, out, result, _rollback_line)
 
     run_command("rollback", body)(obj)
@@ -178,7 +350,8 @@ def _finish(obj: Ctx, out: Reporter, result: manage.CommandResult,
 
 
 @main.command()
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @pass_ctx
 def status(obj: Ctx, environment: str) -> None:
     """Per host: live release, rollback target, lock holder, reachability."""
@@ -186,7 +359,7 @@ def status(obj: Ctx, environment: str) -> None:
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
         out = obj.reporter("status")
-        result = manage.status(env, open_hosts(env))
+        result = manage.status(env, obj.host_ops(env))
         if not obj.json:
             t = Table("host", "current", "previous", "lock", "releases",
                       title=f"{env.app} / {env.name}", title_justify="left")
@@ -200,6 +373,8 @@ def status(obj: Ctx, environment: str) -> None:
                     from switchover.hostops import describe_owner
 
                     lock = f"[yellow]held by {escape(describe_owner(r['lock_owner']))}[/]"
+                    if r.get("lock_stale"):
+                        lock += f" [red](stale: {escape(r['lock_stale'])})[/]"
                 current = r["current"] or (r["current_target"] and
                                            f"-> {r['current_target']}") or "(none)"
                 t.add_row(r["host"], current, r["previous"] or "(none)", lock,
@@ -207,13 +382,20 @@ def status(obj: Ctx, environment: str) -> None:
             out.print(t)
             if result.doc["drift"]:
                 out.warn("hosts are on different releases (drift)")
+            for r in result.doc["hosts"]:
+                last = r.get("last_deploy") or {}
+                if last.get("state") == "interrupted":
+                    out.warn(f"{r['host']}: the last deploy (release {last.get('release')}, by "
+                             f"{last.get('user')}@{last.get('origin')} at {last.get('time')}) "
+                             "was interrupted before it ended")
         return _finish(obj, out, result)
 
     run_command("status", body)(obj)
 
 
 @main.command()
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @pass_ctx
 def releases(obj: Ctx, environment: str) -> None:
     """Per host: every release and its state (live, previous, available, failed)."""
@@ -221,7 +403,7 @@ def releases(obj: Ctx, environment: str) -> None:
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
         out = obj.reporter("releases")
-        result = manage.releases(env, open_hosts(env))
+        result = manage.releases(env, obj.host_ops(env))
         if not obj.json:
             styles = {"live": "bold green", "previous": "cyan", "failed": "red"}
             for h in result.doc["hosts"]:
@@ -232,39 +414,46 @@ def releases(obj: Ctx, environment: str) -> None:
                     st = r["state"]
                     t.add_row(r["id"], f"[{styles.get(st, '')}]{st}[/]" if st in styles else st)
                 out.print(t)
+            if result.doc["drift"]:
+                out.warn("hosts are on different releases (drift)")
         return _finish(obj, out, result)
 
     run_command("releases", body)(obj)
 
 
 @main.command()
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the last N entries.")
+@click.option("--since", metavar="WHEN",
+              help="Only entries since WHEN: an ISO date/time (local unless it says Z) or an "
+                   "age like 30m, 2h, 3d, 1w.")
 @pass_ctx
-def history(obj: Ctx, environment: str, limit: int | None) -> None:
+def history(obj: Ctx, environment: str, limit: int | None, since: str | None) -> None:
     """The audit trail of every host, oldest first."""
 
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
+        after = histview.parse_since(since) if since else None  # bad value: exit 2, first
         out = obj.reporter("history")
-        result = manage.history(env, open_hosts(env), limit)
+        result = manage.history(env, obj.host_ops(env), None)
+        everything = result.doc
+        shown = histview.since_filter(everything, after) if after else everything
+        if limit is not None:
+            shown = shown[-limit:] if limit > 0 else []
+        result.doc = shown
         for line in result.lines:
             out.warn(line)
         if not obj.json:
-            t = Table("time", "host", "event", "release", "previous", "user", "message")
-            for e in result.doc:
-                event = e.get("event", "?") + (" (interrupted)" if e.get("interrupted") else "")
-                t.add_row(*(escape(str(x or "")) for x in (
-                    e.get("time"), e.get("host"), event, e.get("release"), e.get("previous"),
-                    e.get("user"), e.get("message"))))
-            out.print(t)
+            out.print(histview.table(shown, everything))
         return _finish(obj, out, result)
 
     run_command("history", body)(obj)
 
 
 @main.command()
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @click.option("--keep", type=int, default=None, help="Healthy releases to keep (default: config).")
 @pass_ctx
 def cleanup(obj: Ctx, environment: str, keep: int | None) -> None:
@@ -272,40 +461,64 @@ def cleanup(obj: Ctx, environment: str, keep: int | None) -> None:
 
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
-        out = obj.reporter("cleanup")
-        result = manage.cleanup(env, open_hosts(env), RunContext(env.app, env.name), out, keep)
+        out = obj.reporter("cleanup", env)
+        result = manage.cleanup(env, obj.host_ops(env), obj.run_context(env), out, keep)
         return _finish(obj, out, result)
 
     run_command("cleanup", body)(obj)
 
 
 @main.command()
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @pass_ctx
 def unlock(obj: Ctx, environment: str) -> None:
     """Remove a lock left by a deploy that died (says who held it)."""
 
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
-        out = obj.reporter("unlock")
-        result = manage.unlock(env, open_hosts(env), RunContext(env.app, env.name), out)
+        out = obj.reporter("unlock", env)
+        result = manage.unlock(env, obj.host_ops(env), obj.run_context(env), out)
         return _finish(obj, out, result)
 
     run_command("unlock", body)(obj)
 
 
 @main.command()
-@click.argument("environment")
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
 @pass_ctx
 def setup(obj: Ctx, environment: str) -> None:
     """Create the layout on each host and check prerequisites (rsync, writable)."""
 
     def body(obj: Ctx) -> int:
         env = obj.env(environment)
-        out = obj.reporter("setup")
-        return _finish(obj, out, manage.setup(env, open_hosts(env), out))
+        out = obj.reporter("setup", env)
+        return _finish(obj, out, manage.setup(env, obj.host_ops(env), out))
 
     run_command("setup", body)(obj)
 
 
+@main.command()
+@click.argument("environment", shell_complete=complete_environment)
+@host_options
+@pass_ctx
+def verify(obj: Ctx, environment: str) -> None:
+    """Check the live release on each host against its manifest: added, missing, modified
+    files (drift or tampering) exit 1."""
+
+    def body(obj: Ctx) -> int:
+        from switchover.verify import verify as verify_hosts
+
+        env = obj.env(environment)
+        out = obj.reporter("verify")
+        result = verify_hosts(env, obj.host_ops(env), out)
+        return _finish(obj, out, result)
+
+    run_command("verify", body)(obj)
+
+
 __all__ = ["ExitCode", "main"]
+
+# diff, init and completion live in opcli.py: importing it registers them on `main`.
+from switchover import opcli as _opcli  # noqa: E402, F401

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from switchover.layout import Layout
+from switchover.transport.base import PARTIAL_DIR
 
 q = shlex.quote
 
@@ -24,6 +26,12 @@ RC_NOT_WRITABLE = 73
 RC_SHARED_MISSING = 74
 RC_NO_RSYNC = 75
 RC_NOT_OURS = 76
+RC_BUSY = 77  # a dead deploy's detached switch step is still running on the host
+RC_PENDING = 78  # the detached switch step has not finished yet: wait again
+RC_NOT_STARTED = 79  # the detached switch step never started (we claimed its slot)
+RC_STEP_DIED = 80  # the detached switch step died on the host without a result
+RC_NO_CURRENT = 81
+RC_NO_HASH = 82
 
 SECTION = "@@switchover:"
 
@@ -63,7 +71,9 @@ def dump_state(layout: Layout, history_tail: int = 5000) -> str:
         f"echo {q(SECTION + 'staging')}",
         f"if [ -d {q(d.staging_root)} ]; then ls -1 {q(d.staging_root)}; fi",
         f"echo {q(SECTION + 'lock')}",
-        f"if [ -d {q(d.lock)} ]; then echo held; cat {q(d.lock_owner)} 2>/dev/null; echo; fi",
+        f"if [ -d {q(d.lock)} ]; then echo held; cat {q(d.lock_owner)} 2>/dev/null; echo;",
+        f"echo {q(SECTION + 'heartbeat_age')}; hb=$(cat {q(d.heartbeat)} 2>/dev/null)",
+        'case "$hb" in \'\'|*[!0-9]*) ;; *) echo $(( $(date +%s) - hb ));; esac; fi',
         f"echo {q(SECTION + 'history')}",
         # The trailing echo ends a torn last line so it cannot swallow the end marker.
         f"if [ -f {q(d.history)} ]; then tail -n {int(history_tail)} {q(d.history)}; echo; fi",
@@ -101,14 +111,45 @@ def acquire(layout: Layout, owner: Mapping[str, Any]) -> str:
         make_layout(layout),
         # mkdir either creates the lock or fails: there is no window between test and write.
         f"if mkdir {q(d.lock)} 2>/dev/null; then",
-        f"  printf '%s\\n' {q(history_line(owner))} > {q(d.lock_owner)}",
+        _write_owner(layout, owner),
         "else",
-        f"  echo {q(SECTION + 'lock')}; cat {q(d.lock_owner)} 2>/dev/null; echo; exit {RC_LOCKED}",
+        lock_report(layout),
+        f"  exit {RC_LOCKED}",
         "fi",
-        # We hold the lock, so anything left in staging or the switch dir is debris of a dead
-        # deploy. A stale temp link must go: `ln -s` onto it would create the link *inside*
-        # the old release and publish the wrong version.
-        f"rm -rf {q(d.staging_root)}/* {q(d.switch_dir)}/current",
+        _after_lock(layout),
+    )
+
+
+def _write_owner(layout: Layout, owner: Mapping[str, Any]) -> str:
+    d = layout
+    return _lines(
+        f"printf '%s\\n' {q(history_line(owner))} > {q(d.lock_owner)}",
+        f"date +%s > {q(d.heartbeat)}",
+    )
+
+
+def lock_report(layout: Layout) -> str:
+    """Print who holds the lock and how many seconds ago (host clock) its heartbeat beat."""
+    d = layout
+    return _lines(
+        f"echo {q(SECTION + 'lock')}; cat {q(d.lock_owner)} 2>/dev/null; echo",
+        f"echo {q(SECTION + 'heartbeat_age')}",
+        f"hb=$(cat {q(d.heartbeat)} 2>/dev/null)",
+        'case "$hb" in \'\'|*[!0-9]*) ;; *) echo $(( $(date +%s) - hb ));; esac',
+    )
+
+
+def _after_lock(layout: Layout) -> str:
+    """With the lock held: clear debris of dead deploys, then dump the state."""
+    d = layout
+    return _lines(
+        # Anything left in staging or the switch dir is debris of a dead deploy. A stale temp
+        # link must go: `ln -s` onto it would create the link *inside* the old release and
+        # publish the wrong version.
+        f"rm -rf {q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
+        f" {q(d.meta)}/lock.stale.*",
+        # Finished detached switch steps of earlier deploys (a running one is never touched).
+        f"for r in {q(d.run_dir)}/*/; do if [ -f \"${{r}}status\" ]; then rm -rf \"$r\"; fi; done",
         dump_state(layout),
     )
 
@@ -118,7 +159,7 @@ def release_lock(layout: Layout, deploy_id: str) -> str:
     d = layout
     return _lines(
         f"if [ -d {q(d.lock)} ] && grep -q {q(deploy_id)} {q(d.lock_owner)} 2>/dev/null; then",
-        f"  rm -rf {q(d.lock)}",
+        f"  rm -rf {q(d.lock)} {q(d.run_dir + '/' + deploy_id)}-*",
         "fi",
     )
 
@@ -156,7 +197,7 @@ def link_shared(layout: Layout, release: str, files: Iterable[str], dirs: Iterab
     for item in dirs:
         src, dst = f"{d.shared}/{item}", f"{rel}/{item}"
         out += [
-            f"if [ ! -e {q(src)} ]; then mkdir -p \"$(dirname {q(src)})\";"
+            f"if [ ! -e {q(src)} ]; then mkdir -p {q(posixpath.dirname(src))};"
             f" if [ -d {q(dst)} ] && [ ! -L {q(dst)} ]; then cp -R {q(dst)} {q(src)};"
             f" else mkdir -p {q(src)}; fi; fi",
             _replace_with_link(src, dst),
@@ -165,7 +206,7 @@ def link_shared(layout: Layout, release: str, files: Iterable[str], dirs: Iterab
         src, dst = f"{d.shared}/{item}", f"{rel}/{item}"
         out += [
             f"if [ ! -e {q(src)} ]; then",
-            f"  if [ -f {q(dst)} ] && [ ! -L {q(dst)} ]; then mkdir -p \"$(dirname {q(src)})\";"
+            f"  if [ -f {q(dst)} ] && [ ! -L {q(dst)} ]; then mkdir -p {q(posixpath.dirname(src))};"
             f" cp -p {q(dst)} {q(src)};",
             f"  else echo 'shared file '{q(item)}' is missing: create '{q(src)}' on the host'"
             f" >&2; exit {RC_SHARED_MISSING}; fi",
@@ -177,19 +218,32 @@ def link_shared(layout: Layout, release: str, files: Iterable[str], dirs: Iterab
 
 def _replace_with_link(src: str, dst: str) -> str:
     # A relative target keeps working if deploy_to is moved or mounted elsewhere.
-    target = posixpath.relpath(src, posixpath.dirname(dst))
-    return f"mkdir -p \"$(dirname {q(dst)})\" && rm -rf {q(dst)} && ln -s {q(target)} {q(dst)}"
+    # The parent is computed here, not with `$(dirname ...)`: command substitution drops
+    # trailing newlines, and a name may end in one.
+    parent = posixpath.dirname(dst)
+    target = posixpath.relpath(src, parent)
+    return f"mkdir -p {q(parent)} && rm -rf {q(dst)} && ln -s {q(target)} {q(dst)}"
 
 
-def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[str]) -> str:
-    """Move the complete upload into releases/<id> (one rename) and link shared items."""
+def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[str],
+             manifest: bool = False) -> str:
+    """Move the complete upload into releases/<id> (one rename) and link shared items.
+
+    With `manifest`, the release's manifest arrives on stdin and is stored under
+    .switchover/manifests/ (outside the release), renamed into place once the release is.
+    """
     d = layout
+    tmp = d.manifest(release) + ".tmp"
     return _lines(
         "set -e",
         f"if [ -e {q(d.release(release))} ]; then echo 'release '{q(release)}' already exists'"
         f" >&2; exit {RC_RELEASE_EXISTS}; fi",
+        f"mkdir -p {q(d.manifests)}; cat > {q(tmp)}" if manifest else "",
+        # rsync removes its partial dir once an upload completes; a leftover is never app data.
+        f"rm -rf {q(d.staging(release) + '/' + PARTIAL_DIR)}",
         f"mv {q(d.staging(release))} {q(d.release(release))}",
         link_shared(layout, release, files, dirs),
+        f"mv -f {q(tmp)} {q(d.manifest(release))}" if manifest else "",
     )
 
 
@@ -255,7 +309,8 @@ def run_in_release(
 
 def remove_releases(layout: Layout, releases: Iterable[str]) -> str:
     d = layout
-    return _lines(*(f"rm -rf {q(d.release(r))}" for r in releases))
+    # A release's manifest goes with it, and only with it.
+    return _lines(*(f"rm -rf {q(d.release(r))} {q(d.manifest(r))}" for r in releases))
 
 
 def check_prerequisites(layout: Layout, need_rsync: bool) -> str:
@@ -267,3 +322,260 @@ def check_prerequisites(layout: Layout, need_rsync: bool) -> str:
         )
     out.append(f"df -Pk {q(layout.deploy_to)} | tail -n 1")
     return _lines(*out)
+
+
+# -- resilience: stale locks, the detached switch step, manifests --------------------------
+
+
+def _owner_is(layout: Layout, deploy_id: str | None) -> str:
+    """A test that is true while the lock's owner.json names `deploy_id` (None: no owner)."""
+    if deploy_id is None:
+        return f"[ ! -e {q(layout.lock_owner)} ]"
+    # Deploy ids are hex (RunContext); anything else is escaped for the regex.
+    needle = '"deploy_id" *: *"' + re.escape(deploy_id) + '"'
+    return f"grep -qE {q(needle)} {q(layout.lock_owner)} 2>/dev/null"
+
+
+def heartbeat(layout: Layout, deploy_id: str) -> str:
+    """Refresh the lock's heartbeat, only while the lock is still ours (never recreate it)."""
+    d = layout
+    tmp = d.heartbeat + ".tmp"
+    return _lines(
+        f"if [ -d {q(d.lock)} ] && {_owner_is(layout, deploy_id)}; then",
+        f"  date +%s > {q(tmp)} 2>/dev/null && mv -f {q(tmp)} {q(d.heartbeat)} 2>/dev/null",
+        "fi",
+        "exit 0",
+    )
+
+
+def take_over(layout: Layout, stale_id: str | None, owner: Mapping[str, Any],
+              entry: Mapping[str, Any]) -> str:
+    """Replace a lock judged stale (its owner `stale_id` is gone) with ours, race-free.
+
+    Contenders first claim the stale lock by `mkdir lock/takeover`: one wins. The winner
+    checks the lock is still the one judged stale (a contender may already have replaced
+    it), renames it to a unique tomb and `mkdir`s a fresh lock; a plain `mkdir` by someone
+    else in between wins instead, and we back off. A dead deploy's detached switch step
+    that is still running keeps its lock alive (RC_BUSY).
+    """
+    d = layout
+    claim = d.lock + "/takeover"
+    tomb = f"{d.meta}/lock.stale.{owner.get('deploy_id', 'x')}"
+    locked = _lines(lock_report(layout), f"exit {RC_LOCKED}")
+    return _lines(
+        "umask 022",
+        f"if ! mkdir {q(claim)} 2>/dev/null; then",
+        locked,
+        "fi",
+        f"if ! {_owner_is(layout, stale_id)}; then",
+        f"  rmdir {q(claim)} 2>/dev/null",
+        locked,
+        "fi",
+        f"for p in {q(d.run_dir)}/*/pid; do",
+        '  [ -f "$p" ] || continue',
+        '  [ -f "${p%/pid}/status" ] && continue',
+        '  if kill -0 "$(cat "$p")" 2>/dev/null; then',
+        f"    rmdir {q(claim)} 2>/dev/null",
+        f"    {lock_report(layout).strip()}",
+        f"    exit {RC_BUSY}",
+        "  fi",
+        "done",
+        f"rm -rf {q(tomb)}",
+        f"if ! mv {q(d.lock)} {q(tomb)} 2>/dev/null; then",
+        locked,
+        "fi",
+        f"if ! mkdir {q(d.lock)} 2>/dev/null; then",
+        f"  rm -rf {q(tomb)}",
+        locked,
+        "fi",
+        _write_owner(layout, owner),
+        f"rm -rf {q(tomb)}",
+        append_history(layout, [entry]),
+        _after_lock(layout),
+    )
+
+
+def _run_slot(layout: Layout, token: str) -> str:
+    return f"{layout.run_dir}/{token}"
+
+
+def _wait_for_step(slot: str, seconds: float) -> str:
+    """Wait (bounded) for a detached step's status file, then print its status and log."""
+    return _lines(
+        f"D={q(slot)}",
+        f"end=$(( $(date +%s) + {max(0, round(seconds))} ))",
+        "n=0; i=0",
+        'while [ ! -f "$D/status" ]; do',
+        '  if [ ! -f "$D/pid" ]; then',
+        "    n=$((n + 1))",
+        "    if [ $n -gt 100 ]; then",
+        f"      echo 'the switch step never started on the host' >&2; exit {RC_STEP_DIED}",
+        "    fi",
+        '  elif ! kill -0 "$(cat "$D/pid")" 2>/dev/null; then',
+        '    [ -f "$D/status" ] && break',
+        f"    echo 'the switch step died on the host without a result' >&2; exit {RC_STEP_DIED}",
+        "  fi",
+        f'  [ "$(date +%s)" -ge "$end" ] && exit {RC_PENDING}',
+        # Poll fast at first (most steps take milliseconds), then gently.
+        "  i=$((i + 1)); if [ $i -le 50 ]; then t=0.01; else t=0.2; fi",
+        '  sleep "$t" 2>/dev/null || sleep 1',
+        "done",
+        f"echo {q(SECTION + 'status')}",
+        'cat "$D/status"',
+        'cat "$D/log" 2>/dev/null',
+        f"echo {q(SECTION + 'end')}",
+    )
+
+
+def switch_detached(layout: Layout, token: str, release: str,
+                    entries: Iterable[Mapping[str, Any]], hooks: Sequence[str],
+                    env: Mapping[str, str], timeout: float | None, wait: float) -> str:
+    """Start the switch and the after_switch hooks as ONE detached step on the host.
+
+    The step runs under nohup (and setsid where present) with no tie to this connection, so
+    a dropped link or a dead client cannot leave the new release live without its restart:
+    the host finishes the step and writes its result to .switchover/run/<token>/status
+    (`ok`, `switch RC` or `hook N RC`; hook output in `log`, one section per hook). The
+    script then waits up to `wait` seconds for that result (see `wait_detached`).
+    """
+    slot = _run_slot(layout, token)
+    steps = [
+        f"echo {q(SECTION + 'switch')}",
+        f"sh -c {q(switch(layout, release, entries))}",
+        'rc=$?; if [ "$rc" -ne 0 ]; then st "switch $rc"; exit 0; fi',
+    ]
+    for i, hook in enumerate(hooks):
+        steps += [
+            f"echo {q(SECTION + f'hook:{i}')}",
+            f"sh -c {q(run_in_release(layout, release, hook, env, timeout))}",
+            f'rc=$?; if [ "$rc" -ne 0 ]; then st "hook {i} $rc"; exit 0; fi',
+        ]
+    # No umask here: the hooks run with the session's own, as they would over plain ssh.
+    runner = _lines(
+        f"D={q(slot)}",
+        'echo $$ > "$D/pid.tmp" && mv -f "$D/pid.tmp" "$D/pid"',
+        'st() { printf \'%s\\n\' "$1" > "$D/status.tmp" && mv -f "$D/status.tmp" "$D/status"; }',
+        *steps,
+        "st ok",
+    )
+    return _lines(
+        f"mkdir -p {q(layout.run_dir)} || exit 1",
+        # The slot is claimed with mkdir: a reconnecting client that finds no slot claims it
+        # itself (see wait_detached), so a launch delayed past that point never runs. Mode
+        # 700: hook output in its log may hold secrets.
+        f"mkdir -m 700 {q(slot)} 2>/dev/null || {{ echo 'switch step '{q(token)}' was already"
+        f" claimed' >&2; exit {RC_NOT_STARTED}; }}",
+        f"printf '%s' {q(runner)} > {q(slot + '/runner.sh')}",
+        "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=; fi",
+        f"nohup $S sh {q(slot + '/runner.sh')} </dev/null >>{q(slot + '/log')} 2>&1 &",
+        _wait_for_step(slot, wait),
+    )
+
+
+def wait_detached(layout: Layout, token: str, wait: float) -> str:
+    """Wait again for a detached step (after a reconnect). If its slot does not exist, the
+    launch never happened: claim the slot so it never will, and say so (RC_NOT_STARTED)."""
+    slot = _run_slot(layout, token)
+    return _lines(
+        f"if [ ! -d {q(slot)} ]; then",
+        f"  mkdir -p {q(layout.run_dir)}",
+        f"  if mkdir -m 700 {q(slot)} 2>/dev/null; then",
+        f"    echo 'never started' > {q(slot + '/status')}; exit {RC_NOT_STARTED}",
+        "  fi",
+        "fi",
+        _wait_for_step(slot, wait),
+    )
+
+
+def kill_detached(layout: Layout, token: str) -> str:
+    """Stop a detached step we gave up waiting for (its process group, else the runner)."""
+    slot = _run_slot(layout, token)
+    return _lines(
+        f"D={q(slot)}",
+        'if [ -f "$D/pid" ] && [ ! -f "$D/status" ]; then',
+        '  p=$(cat "$D/pid")',
+        # The runner leads its own session (setsid); hooks under coreutils `timeout` sit in
+        # process groups of their own inside it, so kill by session where pkill can.
+        '  pkill -TERM -s "$p" 2>/dev/null || kill -TERM -- "-$p" 2>/dev/null'
+        ' || kill -TERM "$p" 2>/dev/null',
+        "  printf 'killed\\n' > \"$D/status\"",
+        "fi",
+        "exit 0",
+    )
+
+
+# The live release's files, listed and hashed on the host: python3 where present (exact for
+# any file name), else find + sha256sum/shasum/openssl (names with newlines unsupported).
+_PY_LISTER = """\
+import hashlib, json, os, stat, sys
+def digest(p):
+    h = hashlib.sha256()
+    with open(p, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+for root, dirs, files in os.walk('.'):
+    dirs.sort()
+    for name in sorted(dirs + files):
+        p = os.path.join(root, name)
+        rel = p[2:]
+        try:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                rec = {'p': rel, 't': 'link', 'target': os.readlink(p)}
+            elif stat.S_ISDIR(st.st_mode):
+                continue
+            elif stat.S_ISREG(st.st_mode):
+                rec = {'p': rel, 't': 'file', 'size': st.st_size,
+                       'mode': '%04o' % stat.S_IMODE(st.st_mode), 'sha256': digest(p)}
+            else:
+                rec = {'p': rel, 't': 'other'}
+        except OSError as e:
+            rec = {'p': rel, 't': 'unreadable', 'error': str(e)}
+        sys.stdout.write(json.dumps(rec) + '\\n')
+"""
+
+
+def _sh_lister() -> str:
+    return _lines(
+        "if command -v sha256sum >/dev/null 2>&1; then H=sha256sum",
+        "elif command -v shasum >/dev/null 2>&1; then H='shasum -a 256'",
+        "elif command -v openssl >/dev/null 2>&1; then H='openssl dgst -sha256 -r'",
+        "else echo 'no sha256 tool on the host (sha256sum, shasum, openssl)' >&2;"
+        f" exit {RC_NO_HASH}",
+        "fi",
+        "find . \\( -type f -o -type l \\) -print | while IFS= read -r f; do",
+        '  if [ -L "$f" ]; then',
+        '    printf \'L\\t%s\\t%s\\n\' "${f#./}" "$(readlink "$f")"; continue',
+        "  fi",
+        '  m=$(ls -ld "$f" | cut -c2-10); s=$(wc -c < "$f" | tr -d \' \')',
+        '  h=$($H "$f" | cut -d\' \' -f1); h=${h#\\\\}',
+        '  printf \'F\\t%s\\t%s\\t%s\\t%s\\n\' "$m" "$s" "$h" "${f#./}"',
+        "done",
+    )
+
+
+def live_listing(layout: Layout, python: bool = True) -> str:
+    """Print the live release id, its stored manifest and the listing of its files."""
+    d = layout
+    lister = (f"if command -v python3 >/dev/null 2>&1; then python3 -c {q(_PY_LISTER)}; else\n"
+              + _sh_lister() + "fi") if python else _sh_lister()
+    return _lines(
+        f"t=$(readlink {q(d.current)} 2>/dev/null) || {{ echo 'no current release on the host'"
+        f" >&2; exit {RC_NO_CURRENT}; }}",
+        'id=${t##*/}',
+        f"echo {q(SECTION + 'release')}",
+        'echo "$id"',
+        f"echo {q(SECTION + 'manifest')}",
+        f"cat {q(d.manifests)}/\"$id\".json 2>/dev/null; echo",
+        f"cd {q(d.releases)}/\"$id\" 2>/dev/null || {{ echo \"current points at $t, which is"
+        f" not on the host\" >&2; exit {RC_NO_CURRENT}; }}",
+        f"echo {q(SECTION + 'listing')}",
+        lister,
+        f"echo {q(SECTION + 'end')}",
+    )
+
+
+def disk_free(layout: Layout) -> str:
+    """POSIX df of the filesystem holding deploy_to: one line, sizes in kB."""
+    return f"df -Pk {q(layout.deploy_to)} 2>/dev/null | tail -n 1\n"

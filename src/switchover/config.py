@@ -10,12 +10,14 @@ import os
 import re
 import tomllib
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from switchover.errors import ConfigError
 from switchover.hosts import HostSpec, parse_host
+from switchover.inventory import InventoryError, load_inventory
+from switchover.secrets import ENV_NAME_RE, SECRETS_FILE, check_private_file
 
 DEFAULT_CONFIG = "switchover.toml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -27,7 +29,7 @@ SYSTEM_DIRS = frozenset(
 
 
 def _check_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} must start with a letter or digit and contain only "
             "letters, digits, '.', '_' and '-' (at most 64 characters)"
@@ -49,6 +51,26 @@ class _Strict(BaseModel):
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+Strategy = Literal["all", "rolling", "canary"]
+_BATCH_RE = re.compile(r"^([1-9][0-9]?|100)%$")
+
+
+def check_batch_size(v: int | str | None) -> int | str | None:
+    if isinstance(v, str) and not _BATCH_RE.fullmatch(v):
+        raise ValueError(f"{v!r} must be a positive number of hosts or a percentage like '25%'")
+    if isinstance(v, int) and v < 1:
+        raise ValueError("must be at least 1")
+    return v
+
+
+def check_canary_hosts(v: int | list[str] | None) -> int | list[str] | None:
+    if isinstance(v, int) and v < 1:
+        raise ValueError("must be at least 1 host")
+    if isinstance(v, list) and not v:
+        raise ValueError("must name at least one host")
+    return v
 
 
 class ArtifactConfig(_Strict):
@@ -97,6 +119,36 @@ class HealthOverride(_Strict):
     retries: Annotated[int, Field(ge=0)] | None = None
     interval: NonNegFloat | None = None
 
+    @field_validator("urls")
+    @classmethod
+    def _http(cls, v: list[str] | None) -> list[str] | None:
+        # The same rule as the top level: an override must not slip past it.
+        return None if v is None else HealthConfig._http(v)
+
+
+def _check_webhooks(v: list[str]) -> list[str]:
+    for url in v:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("webhooks must be http:// or https:// URLs")
+    return v
+
+
+class NotifyConfig(_Strict):
+    """[notify]: JSON POSTs after a deploy or rollback (see notify.py)."""
+
+    webhooks: list[str] = []
+    timeout: PositiveFloat = 5.0  # seconds per webhook
+
+    _urls = field_validator("webhooks")(classmethod(lambda cls, v: _check_webhooks(v)))
+
+
+class NotifyOverride(_Strict):
+    webhooks: list[str] | None = None
+    timeout: PositiveFloat | None = None
+
+    _urls = field_validator("webhooks")(
+        classmethod(lambda cls, v: None if v is None else _check_webhooks(v)))
+
 
 class HooksOverride(_Strict):
     before_switch: list[str] | None = None
@@ -114,6 +166,41 @@ class SharedOverride(_Strict):
         return None if v is None else [_check_relative(x) for x in v]
 
 
+class SecretsConfig(_Strict):
+    """[secrets]: written to shared/.env on each host (see secrets.py)."""
+
+    env_file: str | None = None  # local; relative to the config file
+    from_env: list[str] = []  # names read from the deploying process's environment
+
+    @field_validator("from_env")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        return _check_env_names(v)
+
+    @property
+    def configured(self) -> bool:
+        return self.env_file is not None or bool(self.from_env)
+
+
+def _check_env_names(v: list[str]) -> list[str]:
+    for name in v:
+        if not ENV_NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    if len(set(v)) != len(v):
+        raise ValueError("a name is listed more than once")
+    return v
+
+
+class SecretsOverride(_Strict):
+    env_file: str | None = None
+    from_env: list[str] | None = None
+
+    @field_validator("from_env")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _check_env_names(v)
+
+
 class EnvironmentConfig(_Strict):
     hosts: list[str] = []
     deploy_to: str
@@ -122,9 +209,21 @@ class EnvironmentConfig(_Strict):
     keep_releases: Annotated[int, Field(ge=1)] | None = None
     parallel: Annotated[int, Field(ge=1)] | None = None
     timeout: PositiveFloat | None = None
+    lock_timeout: PositiveFloat | None = None
+    strategy: Strategy | None = None
+    batch_size: int | str | None = None
+    canary_hosts: int | list[str] | None = None
+    canary_wait: NonNegFloat | None = None
+    inventory: str | None = None
+    group: str | None = None
     health: HealthOverride | None = None
     hooks: HooksOverride | None = None
     shared: SharedOverride | None = None
+    secrets: SecretsOverride | None = None
+    notify: NotifyOverride | None = None
+
+    _batch = field_validator("batch_size")(classmethod(lambda cls, v: check_batch_size(v)))
+    _canary = field_validator("canary_hosts")(classmethod(lambda cls, v: check_canary_hosts(v)))
 
     @field_validator("hosts")
     @classmethod
@@ -140,12 +239,27 @@ class FileConfig(_Strict):
     app: str
     keep_releases: Annotated[int, Field(ge=1)] = 5
     parallel: Annotated[int, Field(ge=1)] = 10
-    timeout: PositiveFloat = 600.0
+    # Seconds one remote step may take on a host (an upload: seconds without progress).
+    timeout: PositiveFloat = 60.0
+    # Seconds without a heartbeat after which a lock taken on another machine is stale.
+    lock_timeout: PositiveFloat = 300.0
+    strategy: Strategy = "all"
+    batch_size: int | str = 1
+    canary_hosts: int | list[str] = 1
+    canary_wait: NonNegFloat = 30.0
+    inventory: str | None = None
+    group: str | None = None
     artifact: ArtifactConfig = ArtifactConfig()
     shared: SharedConfig = SharedConfig()
     health: HealthConfig = HealthConfig()
     hooks: HooksConfig = HooksConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    notify: NotifyConfig = NotifyConfig()
+    log_dir: str | None = None  # this run's log files; relative to the config file
     environments: dict[str, EnvironmentConfig]
+
+    _batch = field_validator("batch_size")(classmethod(lambda cls, v: check_batch_size(v)))
+    _canary = field_validator("canary_hosts")(classmethod(lambda cls, v: check_canary_hosts(v)))
 
     @field_validator("app")
     @classmethod
@@ -177,10 +291,18 @@ class Environment(BaseModel):
     keep_releases: int
     parallel: int
     timeout: float
+    lock_timeout: float = 300.0
+    strategy: Strategy = "all"
+    batch_size: int | str = 1
+    canary_hosts: int | list[str] = 1
+    canary_wait: float = 30.0
     artifact: ArtifactConfig
     shared: SharedConfig
     health: HealthConfig
     hooks: HooksConfig
+    secrets: SecretsConfig = SecretsConfig()  # env_file resolved to an absolute path
+    notify: NotifyConfig = NotifyConfig()
+    log_dir: Path | None = None  # None: the platform's state dir (see runlog.py)
 
     @property
     def is_local(self) -> bool:
@@ -260,7 +382,21 @@ def resolve_environment(cfg: FileConfig, env_name: str, path: Path) -> Environme
         known = ", ".join(sorted(cfg.environments)) or "none"
         raise ConfigError(f"{path}: no environment {env_name!r} (known: {known})")
     base_dir = path.resolve().parent
-    remote = bool(env.hosts)
+    hosts = [parse_host(h) for h in env.hosts]
+    inventory = env.inventory or cfg.inventory
+    if inventory:
+        inv_path = Path(inventory).expanduser()
+        inv_path = inv_path if inv_path.is_absolute() else base_dir / inv_path
+        try:
+            extra = load_inventory(inv_path, env.group or cfg.group)
+        except InventoryError as e:
+            raise ConfigError(f"{path}: environments.{env_name}.inventory: {e}") from None
+        known = {h.name for h in hosts}
+        hosts += [h for h in extra if h.name not in known]
+        if not hosts:
+            raise ConfigError(f"{path}: environments.{env_name}.inventory: no hosts in "
+                              f"group {env.group or cfg.group or 'all'!r}")
+    remote = bool(hosts)
     _check_deploy_to(env.deploy_to, env_name, path, remote=remote)
     deploy_to = env.deploy_to
     if not remote:
@@ -276,22 +412,61 @@ def resolve_environment(cfg: FileConfig, env_name: str, path: Path) -> Environme
             raise ConfigError(f"{path}: environments.{env_name}.{key}: file {p} does not exist")
         return p
 
+    secrets = _resolve_secrets(cfg, env, env_name, path, base_dir)
     return Environment(
         app=cfg.app,
         name=env_name,
         config_path=path,
-        hosts=[parse_host(h) for h in env.hosts],
+        hosts=hosts,
         deploy_to=deploy_to,
         ssh_config=local_file(env.ssh_config, "ssh_config"),
-        identity_file=local_file(env.identity_file, "identity_file"),
+        identity_file=_private(local_file(env.identity_file, "identity_file"),
+                               f"{path}: environments.{env_name}.identity_file"),
         keep_releases=env.keep_releases or cfg.keep_releases,
         parallel=env.parallel or cfg.parallel,
         timeout=env.timeout or cfg.timeout,
+        lock_timeout=env.lock_timeout or cfg.lock_timeout,
+        strategy=env.strategy or cfg.strategy,
+        batch_size=env.batch_size if env.batch_size is not None else cfg.batch_size,
+        canary_hosts=env.canary_hosts if env.canary_hosts is not None else cfg.canary_hosts,
+        canary_wait=env.canary_wait if env.canary_wait is not None else cfg.canary_wait,
         artifact=cfg.artifact,
-        shared=_merge(cfg.shared, env.shared),
+        shared=_with_secrets_file(_merge(cfg.shared, env.shared), secrets),
         health=_merge(cfg.health, env.health),
         hooks=_merge(cfg.hooks, env.hooks),
+        secrets=secrets,
+        notify=_merge(cfg.notify, env.notify),
+        log_dir=(base_dir / Path(cfg.log_dir).expanduser()) if cfg.log_dir else None,
     )
+
+
+def _private(p: Path | None, key: str) -> Path | None:
+    if p is not None:
+        check_private_file(p, key)
+    return p
+
+
+def _resolve_secrets(cfg: FileConfig, env: EnvironmentConfig, env_name: str, path: Path,
+                     base_dir: Path) -> SecretsConfig:
+    """Merge [secrets] key by key; the env file must exist and be private (exit 2)."""
+    merged: SecretsConfig = _merge(cfg.secrets, env.secrets)
+    if merged.env_file is None:
+        return merged
+    own = env.secrets is not None and env.secrets.env_file is not None
+    key = f"{path}: {f'environments.{env_name}.' if own else ''}secrets.env_file"
+    p = Path(merged.env_file).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if not p.is_file():
+        raise ConfigError(f"{key}: file {p} does not exist")
+    check_private_file(p, key)
+    return merged.model_copy(update={"env_file": str(p)})
+
+
+def _with_secrets_file(shared: SharedConfig, secrets: SecretsConfig) -> SharedConfig:
+    """With secrets configured, shared/.env is linked into every release like other files."""
+    if not secrets.configured or SECRETS_FILE in shared.files:
+        return shared
+    return shared.model_copy(update={"files": [*shared.files, SECRETS_FILE]})
 
 
 def load_environment(path: Path, env_name: str) -> Environment:

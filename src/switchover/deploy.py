@@ -34,7 +34,10 @@ from switchover.health import CheckOutcome, expand_url, fetch_url, with_retries
 from switchover.hostops import HostOps, HostState
 from switchover.output import Reporter
 from switchover.releases import analyze, new_release_id, select_prune
+from switchover.secrets import SECRETS_FILE, Secrets
+from switchover.secrets import upload as upload_secrets
 from switchover.session import hook_environment
+from switchover.strategy import plan_batches
 from switchover.transport import SyncStats
 
 EXIT_INTERRUPTED = 130
@@ -133,8 +136,10 @@ class Deployer:
         checks: Sequence[str] = (),
         urls: Sequence[str] = (),
         message: str = "",
+        secrets: Secrets | None = None,
     ) -> None:
         self.env = env
+        self.secrets = secrets  # written to shared/.env on each host before finalize
         self.runs = [HostRun(h) for h in hosts]
         self.out = reporter
         self.ctx = ctx
@@ -144,13 +149,21 @@ class Deployer:
         self.message = message
         self.release: str | None = None
         self.cancel = threading.Event()
+        self.cleaning_up = False  # set once a rollback or cleanup has begun
         self.t0 = time.monotonic()
 
     # -- helpers -------------------------------------------------------------------------
 
     def _each(self, runs: Sequence[HostRun], fn: Any) -> None:
         """Run fn(run) on every host in parallel, recording failures on the run."""
-        outcomes = fan_out(runs, fn, self.env.parallel, self.cancel)
+        def timed(run: HostRun) -> Any:
+            try:
+                return fn(run)
+            finally:
+                run.seconds = time.monotonic() - run.started
+
+        with self.out.ordered([r.name for r in runs]):
+            outcomes = fan_out(runs, timed, self.env.parallel, self.cancel)
         for run, outcome in zip(runs, outcomes, strict=True):
             if outcome.error is not None:
                 run.fail(outcome.error)
@@ -171,9 +184,9 @@ class Deployer:
     def _run_hooks(self, run: HostRun, stage: str, hooks: Sequence[str], release: str) -> None:
         for hook in hooks:
             self._check_cancel()
-            self.out.step(run.name, f"{stage}: {hook}")
-            r = run.ops.run_in_release(release, hook, self._env_for(run, release),
-                                       timeout=self.env.timeout)
+            with self.out.activity(run.name, f"{stage}: {hook}"):
+                r = run.ops.run_in_release(release, hook, self._env_for(run, release),
+                                           timeout=self.env.timeout)
             self.out.detail(run.name, r.stdout)
             if not r.ok:
                 raise HookFailed(f"{stage} hook failed (exit {r.rc}): {hook}: {r.message}",
@@ -183,8 +196,9 @@ class Deployer:
 
     def _prepare(self, run: HostRun) -> None:
         self._check_cancel()
-        run.ops.connect()
-        run.state = run.ops.acquire(self.ctx.owner("deploy"))
+        with self.out.activity(run.name, "connecting, taking the lock", announce=False):
+            run.ops.connect()
+            run.state = run.ops.acquire(self.ctx.owner("deploy"))
         run.locked = True
         run.previous = run.state.current
         if run.state.current_kind == "dir":
@@ -209,27 +223,54 @@ class Deployer:
         self.out.step(run.name, f"uploading {self.artifact.source.name} "
                                 f"({_size(self.artifact.size)}, {self.artifact.files} files)...")
         self._check_cancel()
-        run.stats = ops.upload(self.artifact.tree, release, link_dest, self.env.artifact.exclude)
-        self.out.step(run.name, f"uploaded: {run.stats.files_transferred} files changed "
+        with self.out.transfer(run.name, self.artifact.files, self.artifact.size) as progress:
+            run.stats = ops.upload(self.artifact.tree, release, link_dest,
+                                   self.env.artifact.exclude, progress)
+        sent = run.stats.files_transferred
+        self.out.step(run.name, f"uploaded: {sent} file{'' if sent == 1 else 's'} changed "
                                 f"({_size(run.stats.bytes_transferred)}), the rest hard-linked")
         self._check_cancel()
-        ops.finalize(release, self.env.shared.files, self.env.shared.dirs)
+        if self.secrets is not None:
+            # Before finalize: it links shared/.env into the release and needs it there.
+            self.out.step(run.name, f"writing secrets to shared/{SECRETS_FILE} (mode 0600)")
+            upload_secrets(ops, self.secrets)
+            self._check_cancel()
+        with self.out.activity(run.name, "moving the release into place", announce=False):
+            ops.finalize(release, self.env.shared.files, self.env.shared.dirs)
         self._run_hooks(run, "before_switch", self.env.hooks.before_switch, release)
 
     def _switch(self, run: HostRun) -> None:
         assert self.release is not None
         release = self.release
         self._check_cancel()
-        run.ops.switch(release, [self._entry("switched", run)])
+        hooks = list(self.env.hooks.after_switch)
+        # The switch and the after_switch hooks run on the host as ONE detached step: a link
+        # that drops (or a client that dies) in between cannot leave the release live without
+        # its restart. A step in flight runs to its end; Ctrl-C is seen before the checks.
+        with self.out.activity(run.name, "switching" + (", after_switch hooks" if hooks else ""),
+                               announce=False):
+            step = run.ops.switch_with_hooks(release, [self._entry("switched", run)], hooks,
+                                             self._env_for(run, release), self.env.timeout,
+                                             token=self.ctx.deploy_id)
+        if not step.switched:
+            raise SwitchoverError(f"switch failed: {step.message}", host=run.name)
         run.switched = True
         self.out.step(run.name, f"switched current to release {release}")
-        self._run_hooks(run, "after_switch", self.env.hooks.after_switch, release)
+        for i, hook in enumerate(hooks[: step.hooks_run]):
+            self.out.step(run.name, f"after_switch: {hook}")
+            self.out.detail(run.name, step.output(i))
+        if step.failed_hook is not None:
+            raise HookFailed(f"after_switch hook failed (exit {step.rc}): "
+                             f"{hooks[step.failed_hook]}: {step.message}", host=run.name)
         self._health(run)
+        run.ops.checkpoint("after_health")
 
-    def _health(self, run: HostRun) -> None:
+    def _health(self, run: HostRun, quiet: bool = False) -> None:
+        """Run every check (each with its retries); raise if any failed."""
         assert self.release is not None
         release = self.release
         hc = self.env.health
+        outcomes: list[CheckOutcome] = []
         for cmd in self.checks:
             self._check_cancel()
 
@@ -238,18 +279,47 @@ class Deployer:
                 r = run.ops.run_in_release(release, cmd, self._env_for(run, release), hc.timeout)
                 return r.ok, r.message if not r.ok else "ok"
 
-            run.checks.append(with_retries(cmd, attempt, hc))
+            with self.out.activity(run.name, f"health check: {cmd}", announce=False):
+                outcomes.append(with_retries(cmd, attempt, hc))
         for url in self.urls:
             self._check_cancel()
             target = expand_url(url, run.ops.spec.host)
-            run.checks.append(with_retries(target, lambda t=target: fetch_url(t, hc.timeout), hc))
-        failed = [c for c in run.checks if not c.ok]
+            with self.out.activity(run.name, f"health check: {target}", announce=False):
+                outcomes.append(with_retries(target, lambda t=target: fetch_url(t, hc.timeout),
+                                             hc))
+        run.checks = outcomes
+        failed = [c for c in outcomes if not c.ok]
         if failed:
             c = failed[0]
             raise DeployFailed(f"health check failed after {c.attempts} attempts: "
                                f"{c.name}: {c.detail}", host=run.name)
-        if run.checks:
+        if outcomes and not quiet:
             self.out.good(run.name, "health check passed")
+
+    def _soak(self, canaries: Sequence[HostRun]) -> None:
+        """Keep re-checking the canaries for canary_wait seconds before going on."""
+        wait = self.env.canary_wait
+        if wait <= 0:
+            return
+        names = ", ".join(r.name for r in canaries)
+        self.out.step(names, f"canary: watching for {wait:g} s before the rest of the fleet")
+        deadline = time.monotonic() + wait
+        every = max(1.0, self.env.health.interval)
+        while not self.cancel.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                time.sleep(min(every, left))
+            except KeyboardInterrupt:
+                self.cancel.set()
+                break
+            if self.checks or self.urls:
+                self._each(canaries, lambda r: self._health(r, quiet=True))
+                if any(r.error for r in canaries):
+                    return
+        if not self.cancel.is_set() and (self.checks or self.urls):
+            self.out.good(names, "canary healthy")
 
     def _rollback(self, run: HostRun, reason: str) -> None:
         """Put back the release that was live before this deploy (or none, on a first deploy)."""
@@ -321,17 +391,58 @@ class Deployer:
                     r.ops.close()
 
     def _report(self, status: str, code: int, message: str) -> DeployReport:
-        now = time.monotonic()
-        for r in self.runs:
-            r.seconds = now - r.started
         return DeployReport(status, int(code), self.release, message, self.runs,
-                            now - self.t0, self.ctx)
+                            time.monotonic() - self.t0, self.ctx)
 
     def _failed(self) -> list[HostRun]:
         return [r for r in self.runs if r.error is not None]
 
     def _run(self) -> DeployReport:
+        try:
+            return self._phases()
+        except KeyboardInterrupt:
+            if self.cleaning_up:
+                raise  # a second Ctrl-C during the rollback or cleanup: abort now
+            # Ctrl-C between two phases (outside a fan-out): end as a fan-out would have.
+            self.cancel.set()
+            if any(r.switched for r in self.runs):
+                return self._roll_back_fleet(self._failed())
+            if any(r.begun for r in self.runs):
+                return self._abort_stage()
+            return self._report("interrupted", EXIT_INTERRUPTED,
+                                "interrupted before upload: nothing was changed")
+
+    def _abort_stage(self) -> DeployReport:
+        """Undo every staged release after a failure or Ctrl-C before any switch."""
+        self.cleaning_up = True
         runs = self.runs
+        interrupted = self.cancel.is_set()
+        reason = "interrupted before the switch" if interrupted else "; ".join(
+            str(r.error) for r in self._failed()
+        )
+        for r in runs:
+            r.ops.transport.abort = None
+        begun = [r for r in runs if r.begun]
+        outcomes = fan_out(begun, lambda r: self._abort_staged(r, reason), self.env.parallel)
+        for r, o in zip(begun, outcomes, strict=True):
+            if not o.ok:
+                self.out.warn(f"{r.name}: could not remove the staged release: {o.error}")
+        for r in runs:
+            if r.error and not isinstance(r.error, Interrupted):
+                self.out.bad(r.name, r.error.message)
+            r.status = "failed" if r.error else "unchanged"
+        if interrupted:
+            return self._report("interrupted", EXIT_INTERRUPTED,
+                                "interrupted before the switch: current unchanged")
+        hook = any(isinstance(r.error, HookFailed) for r in runs)
+        code = ExitCode.DEPLOY_FAILED if hook else ExitCode.UNREACHABLE
+        return self._report("failed", code, f"{reason}: current unchanged on every host")
+
+    def _phases(self) -> DeployReport:
+        runs = self.runs
+        # A bad strategy (an unknown canary host) is a usage error before any host is touched.
+        self.batches = plan_batches(self.env.strategy, [r.name for r in runs],
+                                    self.env.batch_size, self.env.canary_hosts)
         # Before the switch nothing live depends on a step: Ctrl-C kills it at once.
         for r in runs:
             r.ops.transport.abort = self.cancel
@@ -357,36 +468,25 @@ class Deployer:
         # 2. stage
         self._each(runs, self._stage)
         if self.cancel.is_set() or self._failed():
-            interrupted = self.cancel.is_set()
-            reason = "interrupted before the switch" if interrupted else "; ".join(
-                str(r.error) for r in self._failed()
-            )
-            for r in runs:
-                r.ops.transport.abort = None
-            begun = [r for r in runs if r.begun]
-            outcomes = fan_out(begun, lambda r: self._abort_staged(r, reason), self.env.parallel)
-            for r, o in zip(begun, outcomes, strict=True):
-                if not o.ok:
-                    self.out.warn(f"{r.name}: could not remove the staged release: {o.error}")
-            for r in runs:
-                if r.error and not isinstance(r.error, Interrupted):
-                    self.out.bad(r.name, r.error.message)
-                r.status = "failed" if r.error else "unchanged"
-            if interrupted:
-                return self._report("interrupted", EXIT_INTERRUPTED,
-                                    "interrupted before the switch: current unchanged")
-            hook = any(isinstance(r.error, HookFailed) for r in runs)
-            code = ExitCode.DEPLOY_FAILED if hook else ExitCode.UNREACHABLE
-            return self._report("failed", code, f"{reason}: current unchanged on every host")
+            return self._abort_stage()
 
-        # 3. switch, hooks, health. From here on a step in flight runs to its end: a
-        # restart killed halfway is worse than a few more seconds.
+        # 3. switch, hooks, health, batch by batch as the strategy says. From here on a
+        # step in flight runs to its end: a restart killed halfway is worse than a wait.
         for r in runs:
             r.ops.transport.abort = None
-        self._each(runs, self._switch)
-        failed = self._failed()
-        if self.cancel.is_set() or failed:
-            return self._roll_back_fleet(failed)
+        batches = self.batches
+        for n, batch in enumerate(batches):
+            group = [runs[i] for i in batch]
+            if len(batches) > 1:
+                label = "canary" if self.env.strategy == "canary" and n == 0 else (
+                    f"batch {n + 1}/{len(batches)}")
+                self.out.step(", ".join(r.name for r in group), f"{label}: switching")
+            self._each(group, self._switch)
+            if not self.cancel.is_set() and not self._failed() and (
+                    self.env.strategy == "canary" and n == 0 and len(batches) > 1):
+                self._soak(group)
+            if self.cancel.is_set() or self._failed():
+                return self._roll_back_fleet(self._failed())
 
         # 4. success
         self._each(runs, self._finish)
@@ -400,6 +500,7 @@ class Deployer:
         return self._report("succeeded", ExitCode.OK, msg)
 
     def _roll_back_fleet(self, failed: list[HostRun]) -> DeployReport:
+        self.cleaning_up = True
         interrupted = self.cancel.is_set()
         for r in failed:
             if r.error and not isinstance(r.error, Interrupted):
@@ -411,6 +512,10 @@ class Deployer:
         # Every host that may have switched goes back, healthy ones too: one release fleet-wide.
         targets = [r for r in self.runs if r.switched or r.error is not None]
         self.cancel.clear()  # the rollback itself must run to the end
+        # Hosts of later batches never switched: drop their staged release.
+        waiting = [r for r in self.runs if r.begun and r not in targets]
+        fan_out(waiting, lambda r: self._abort_staged(r, f"not switched: {reason}"),
+                self.env.parallel)
         outcomes = fan_out(targets, lambda r: self._rollback(r, reason), self.env.parallel)
         broken = []
         for r, o in zip(targets, outcomes, strict=True):

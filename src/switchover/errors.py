@@ -17,7 +17,9 @@ class ExitCode(IntEnum):
     ROLLBACK_FAILED = 5  # a host needs attention
 
 
+# "\b" tells click to print the paragraph as it is instead of rewrapping it.
 EXIT_CODE_HELP = """\
+\b
 Exit codes:
   0  success
   1  deploy failed (check or hook) and was rolled back; or nothing to roll back to
@@ -64,6 +66,14 @@ class HostError(SwitchoverError):
 
 class TransferError(HostError):
     pass
+
+
+class ConnectionLost(TransferError):
+    """The link to the host dropped mid-step (ssh or rsync saw it go): worth a retry."""
+
+
+class DiskFull(TransferError):
+    """The host ran out of space during an upload."""
 
 
 class LockedError(SwitchoverError):

@@ -9,17 +9,39 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from switchover import commands as C
-from switchover.errors import HostError, LockedError, SwitchoverError
+from switchover import locks
+from switchover import manifest as M
+from switchover.errors import (
+    ConnectionLost,
+    DiskFull,
+    HostError,
+    Interrupted,
+    LockedError,
+    SwitchoverError,
+)
+from switchover.faults import pause, pausing
 from switchover.hosts import HostSpec
 from switchover.layout import Layout
-from switchover.releases import ReleaseStates, analyze, is_release_id
+from switchover.releases import ReleaseStates, analyze, is_release_id, utc_now_iso
+from switchover.secrets import redact_doc
 from switchover.transport import Result, SyncStats, Transport
+from switchover.transport.progress import ProgressCallback
+from switchover.treediff import TreeDiff
+
+
+class Tracer(Protocol):
+    """Told about every script a host runs (the Reporter: -vv output and the log file)."""
+
+    def trace(self, host: str, script: str) -> None: ...
+
+    def trace_result(self, host: str, rc: int, seconds: float) -> None: ...
 
 
 @dataclass
@@ -32,6 +54,7 @@ class HostState:
     staging: list[str] = field(default_factory=list)
     lock: dict[str, Any] | None = None  # None: not locked; {} if the owner is unreadable
     history: list[dict[str, Any]] = field(default_factory=list)
+    lock_heartbeat_age: int | None = None  # seconds since the holder's last heartbeat
 
     @property
     def current(self) -> str | None:
@@ -86,6 +109,7 @@ def parse_state(output: str) -> HostState:
         staging=[r for r in s.get("staging", []) if r],
         lock=parse_lock(s.get("lock", [])),
         history=parse_history(s.get("history", [])),
+        lock_heartbeat_age=_first_int(s.get("heartbeat_age", [])),
     )
 
 
@@ -103,13 +127,28 @@ class HostOps:
         self.transport = transport
         self.layout = layout
         self.timeout = timeout
+        self.tracer: Tracer | None = None  # sees every script sent (-vv and the log file)
+        # Masks secret values in operator-command output and in what we record on the host
+        # (session.open_hosts installs a secrets.Redactor).
+        self.redact: Callable[[str], str] = lambda text: text
+        self.locking = locks.LockPolicy()  # stale-lock judgement (session.open_hosts sets it)
+        self.warn: Callable[[str], None] | None = None  # the Reporter's warn, if any
+        self._heartbeat: locks.Heartbeat | None = None
+        self._manifests: dict[str, dict[str, Any]] = {}  # release -> files, set by upload
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def run(self, script: str, timeout: float | None = None) -> Result:
-        return self.transport.run(script, timeout=timeout or self.timeout)
+    def run(self, script: str, timeout: float | None = None,
+            input: bytes | None = None) -> Result:
+        if self.tracer is None:
+            return self.transport.run(script, timeout=timeout or self.timeout, input=input)
+        self.tracer.trace(self.name, script)
+        t0 = time.monotonic()
+        r = self.transport.run(script, timeout=timeout or self.timeout, input=input)
+        self.tracer.trace_result(self.name, r.rc, time.monotonic() - t0)
+        return r
 
     def _must(self, result: Result, what: str) -> Result:
         if result.rc != 0:
@@ -131,19 +170,77 @@ class HostOps:
                             host=self.name) from None
 
     def acquire(self, owner: Mapping[str, Any]) -> HostState:
-        """Take the deploy lock and read the state; LockedError names the holder."""
+        """Take the deploy lock and read the state; LockedError names the holder.
+
+        A lock whose owner is provably gone (see locks.py) is taken over with a warning and
+        an `unlock` entry in the history; a live owner's lock never is. While we hold the
+        lock a heartbeat thread keeps it fresh.
+        """
+        (owner,) = self._clean([{**owner, **locks.identity()}])  # the lock is never secret
         r = self.run(C.acquire(self.layout, owner))
         if r.rc == C.RC_LOCKED:
-            held = parse_lock(["held", *C.parse_sections(r.stdout).get("lock", [])])
-            raise LockedError(
-                f"locked by {describe_owner(held)}",
-                hint="wait for that deploy, or run `switchover unlock ENV` if it died",
-                host=self.name,
-            )
+            sections = C.parse_sections(r.stdout)
+            held = parse_lock(["held", *sections.get("lock", [])])
+            age = _first_int(sections.get("heartbeat_age", []))
+            reason = locks.stale_reason(held, age, self.locking.timeout)
+            if reason is None:
+                beat = f"; last heartbeat {age} s ago" if age is not None else ""
+                raise LockedError(
+                    f"locked by {describe_owner(held)}{beat}",
+                    hint="wait for that deploy, or run `switchover unlock ENV` if it died",
+                    host=self.name,
+                )
+            r = self._take_over(owner, held, reason)
         self._must(r, "preparing the layout")
-        return self._parse(r.stdout)
+        state = self._parse(r.stdout)
+        self._start_heartbeat(str(owner.get("deploy_id", "")))
+        pause("after_lock", self.name)
+        return state
+
+    def _take_over(self, owner: Mapping[str, Any], held: dict[str, Any] | None,
+                   reason: str) -> Result:
+        former = held or {}
+        who = describe_owner(former)
+        entry = {
+            "time": utc_now_iso(), "event": "unlock", "app": self.locking.app,
+            "env": self.locking.env, "host": self.name, "release": former.get("release"),
+            "previous": None, "user": owner.get("user"), "origin": owner.get("origin"),
+            "deploy_id": owner.get("deploy_id"),
+            "message": f"took over a stale lock held by {who}: {reason}",
+            "former_owner": former, "takeover": True,
+        }
+        stale_id = former.get("deploy_id") if former else None
+        r = self.run(C.take_over(self.layout, stale_id if isinstance(stale_id, str) else None,
+                                 owner, self._clean([entry])[0]))
+        if r.rc in (C.RC_LOCKED, C.RC_BUSY):
+            now = parse_lock(["held", *C.parse_sections(r.stdout).get("lock", [])])
+            busy = ": its detached switch step is still running on the host" \
+                if r.rc == C.RC_BUSY else ""
+            raise LockedError(f"locked by {describe_owner(now)}{busy}",
+                              hint="wait for that deploy, or run `switchover unlock ENV`",
+                              host=self.name)
+        if r.ok:
+            self._say(f"{self.name}: took over a stale lock held by {who}: {reason}")
+        return r
+
+    def _say(self, text: str) -> None:
+        if self.warn is not None:
+            self.warn(text)
+
+    def _start_heartbeat(self, deploy_id: str) -> None:
+        self._stop_heartbeat()
+        script = C.heartbeat(self.layout, deploy_id)
+        self._heartbeat = locks.Heartbeat(
+            lambda: self.transport.run(script, timeout=30), locks.heartbeat_interval())
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
 
     def release_lock(self, deploy_id: str) -> None:
+        pause("before_unlock", self.name)
+        self._stop_heartbeat()
         self.run(C.release_lock(self.layout, deploy_id), timeout=30)
 
     def force_unlock(self) -> dict[str, Any] | None:
@@ -151,33 +248,103 @@ class HostOps:
         lines = C.parse_sections(r.stdout).get("lock")
         return None if lines is None else (parse_lock(["held", *lines]) or {})
 
+    def _clean(self, entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """History entries with every secret value masked: the history is never secret."""
+        return [redact_doc(e, self.redact) for e in entries]
+
     def begin(self, release: str, entry: Mapping[str, Any]) -> None:
-        self._must(self.run(C.begin(self.layout, release, entry)), "starting the release")
+        (clean,) = self._clean([entry])
+        self._must(self.run(C.begin(self.layout, release, clean)), "starting the release")
+        pause("after_begin", self.name)
 
     def upload(self, tree: Path, release: str, link_dest: str | None,
-               exclude: Sequence[str]) -> SyncStats:
-        return self.transport.sync(tree, self.layout.staging(release), link_dest=link_dest,
-                                   exclude=exclude, timeout=self.timeout)
+               exclude: Sequence[str], progress: ProgressCallback | None = None) -> SyncStats:
+        dest = self.layout.staging(release)
+        if self.tracer is not None:
+            self.tracer.trace(self.name, f"# sync {tree}/ -> {dest}/"
+                              + (f" (unchanged files hard-linked from {link_dest})"
+                                 if link_dest else ""))
+        # The manifest (stored at finalize) describes the tree as it is here, not as it lands.
+        self._manifests[release] = M.scan_cached(tree, exclude)
+        delay = RETRY_BACKOFF
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                stats = self.transport.sync(tree, dest, link_dest=link_dest, exclude=exclude,
+                                            timeout=self.timeout, progress=progress)
+                break
+            except DiskFull as e:
+                raise self._disk_full(e, release) from None
+            except ConnectionLost as e:
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise ConnectionLost(f"{e.message} (gave up after {attempt} attempts)",
+                                         host=self.name) from None
+                self._say(f"{self.name}: {e.message}; retrying in {delay:g} s "
+                          f"(attempt {attempt + 1} of {UPLOAD_ATTEMPTS}), resuming partial files")
+                self._sleep(delay)
+                delay *= 2
+                with contextlib.suppress(HostError):
+                    self.transport.reconnect()
+        pause("after_upload", self.name)
+        return stats
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait between retries; Ctrl-C (before the switch) cuts it short."""
+        abort = self.transport.abort
+        if abort is None:
+            time.sleep(seconds)
+        elif abort.wait(seconds):
+            raise Interrupted("interrupted", host=self.name)
+
+    def _disk_full(self, error: DiskFull, release: str) -> DiskFull:
+        """Name the host and its free space once the partial upload is gone."""
+        self.remove_staging(release)
+        free = ""
+        with contextlib.suppress(SwitchoverError):
+            fields = self.run(C.disk_free(self.layout), timeout=30).stdout.split()
+            if len(fields) >= 4 and fields[1].isdigit() and fields[3].isdigit():
+                free = (f"; {_kb(int(fields[3]))} free of {_kb(int(fields[1]))} on the "
+                        f"filesystem holding {self.layout.deploy_to} (df)")
+        need = sum(f.get("size", 0) for f in self._manifests.get(release, {}).values())
+        return DiskFull(f"{error.message}{free}; the release is {_kb(need // 1024)}",
+                        hint="free space on the host (or lower keep_releases), then deploy "
+                             "again: the live release was not touched", host=self.name)
+
+    def compare(self, tree: Path, release: str, exclude: Sequence[str]) -> TreeDiff:
+        """What uploading `tree` would change relative to `release`; writes nothing."""
+        dest = self.layout.release(release)
+        if self.tracer is not None:
+            self.tracer.trace(self.name, f"# compare (dry run) {tree}/ with {dest}/")
+        return self.transport.compare(tree, dest, exclude=exclude, timeout=self.timeout)
 
     def finalize(self, release: str, files: Sequence[str], dirs: Sequence[str]) -> None:
-        r = self.run(C.finalize(self.layout, release, files, dirs))
+        scanned = self._manifests.get(release)
+        data = None if scanned is None else M.encode(M.build(release, scanned, files, dirs))
+        r = self.run(C.finalize(self.layout, release, files, dirs, manifest=data is not None),
+                     input=data)
         if r.rc == C.RC_SHARED_MISSING:
             raise HostError(r.message, host=self.name)
         self._must(r, "finalizing the release")
+        pause("after_finalize", self.name)
 
     def run_in_release(self, release: str, command: str, env: Mapping[str, str],
                        timeout: float | None = None) -> Result:
         script = C.run_in_release(self.layout, release, command, env, timeout)
         # Give the host's own `timeout` a head start so it, not ssh, reports a stuck command.
-        return self.run(script, timeout=(timeout + 10) if timeout else None)
+        r = self.run(script, timeout=(timeout + 10) if timeout else None)
+        # Hooks and checks may print secrets; everything built from their output (progress,
+        # error messages, history) starts from this masked copy.
+        return Result(r.rc, self.redact(r.stdout), self.redact(r.stderr))
 
     def switch(self, release: str | None, entries: Iterable[Mapping[str, Any]]) -> None:
-        r = self.run(C.switch(self.layout, release, entries))
+        """Point `current` at a release (rollbacks; a deploy uses `switch_with_hooks`)."""
+        pause("before_rollback_switch", self.name)
+        r = self.run(C.switch(self.layout, release, self._clean(entries)))
         if r.rc != 0:
             raise SwitchoverError(f"switch failed: {r.message}", host=self.name)
 
     def record(self, entries: Iterable[Mapping[str, Any]]) -> None:
-        self._must(self.run(C.append_history(self.layout, entries)), "writing history")
+        self._must(self.run(C.append_history(self.layout, self._clean(entries))),
+                   "writing history")
 
     def remove_releases(self, releases: Iterable[str]) -> None:
         ids = list(releases)
@@ -193,7 +360,162 @@ class HostOps:
             raise HostError(r.message, host=self.name)
         return r.stdout.strip()
 
+    def switch_with_hooks(self, release: str, entries: Iterable[Mapping[str, Any]],
+                          hooks: Sequence[str], env: Mapping[str, str],
+                          timeout: float | None, token: str) -> SwitchStep:
+        """Switch and run the after_switch hooks as ONE detached step on the host, and wait.
+
+        The host finishes the step even if this connection drops or this process dies (see
+        commands.switch_detached); we wait for its result in bounded rounds, reconnecting
+        if the link drops. A launch that never reached the host is started again once.
+        """
+        pause("before_switch", self.name)
+        hooks = list(hooks)
+        per_hook = (timeout or self.timeout) + 10
+        limit = 60 + len(hooks) * per_hook
+        deadline = time.monotonic() + limit
+        slot = f"{token}-{release}"
+        # The fault-injection hook pauses between launch and wait: launch without waiting.
+        first_wait = 0.0 if pausing("during_switch") else WAIT_ROUND
+        launch = True
+        relaunched = False
+        reconnects = 0
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if launch:
+                script = C.switch_detached(self.layout, slot, release, self._clean(entries),
+                                           hooks, env, timeout, min(first_wait, left))
+            else:
+                script = C.wait_detached(self.layout, slot, min(WAIT_ROUND, left))
+            try:
+                r = self.run(script, timeout=min(WAIT_ROUND, left) + 30)
+            except ConnectionLost as e:
+                reconnects += 1
+                if reconnects > SWITCH_RECONNECTS:
+                    raise HostError(
+                        f"lost the connection during the switch step ({e.message}); the host "
+                        "finishes that step by itself: check it with `switchover status`",
+                        host=self.name) from None
+                self._say(f"{self.name}: {e.message}; reconnecting to wait for the switch step")
+                time.sleep(RETRY_BACKOFF * reconnects)
+                with contextlib.suppress(HostError):
+                    self.transport.reconnect()
+                launch = False
+                continue
+            if r.rc == C.RC_NOT_STARTED and not launch and not relaunched:
+                # We claimed the slot: the launch never ran and never will. Start it anew.
+                relaunched, launch, slot = True, True, slot + "-2"
+                continue
+            was_launch, launch = launch, False
+            if r.rc == C.RC_PENDING:
+                if was_launch:
+                    pause("during_switch", self.name)
+                if time.monotonic() >= deadline:
+                    with contextlib.suppress(SwitchoverError):
+                        self.run(C.kill_detached(self.layout, slot), timeout=30)
+                    raise HostError(f"the switch step did not finish within {limit:g} s: "
+                                    "stopped it", host=self.name)
+                continue
+            if r.rc != 0:
+                raise HostError(f"switch step failed: {r.message}", host=self.name)
+            step = SwitchStep.parse(self.redact(r.stdout))
+            pause("after_hooks", self.name)
+            return step
+
+    def checkpoint(self, step: str) -> None:
+        """A named point of a deploy where fault-injection tests may pause (faults.py)."""
+        pause(step, self.name)
+
+    def live_listing(self, python: bool = True) -> tuple[str, dict[str, Any] | None,
+                                                         dict[str, dict[str, Any]]]:
+        """The live release, its stored manifest (None if it has none) and its files."""
+        r = self.run(C.live_listing(self.layout, python))
+        if r.rc != 0:
+            raise HostError(r.message, host=self.name)
+        s = C.parse_sections(r.stdout)
+        if "end" not in s:
+            raise HostError("could not list the live release (unexpected output)",
+                            host=self.name)
+        release = (s.get("release") or [""])[0]
+        doc: dict[str, Any] | None = None
+        text = "\n".join(s.get("manifest", [])).strip()
+        if text:
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                raise HostError(f"the manifest of release {release} is corrupt",
+                                host=self.name) from None
+        return release, doc, M.parse_listing(s.get("listing", []))
+
     def close(self) -> None:
+        self._stop_heartbeat()
         # Closing must never hide the error that brought us here.
         with contextlib.suppress(Exception):
             self.transport.close()
+
+
+UPLOAD_ATTEMPTS = 3  # an upload cut off by the network is retried, resuming partial files
+RETRY_BACKOFF = 1.0  # seconds before the first retry, doubled for each further one
+WAIT_ROUND = 20.0  # seconds one remote wait for the detached switch step may block
+SWITCH_RECONNECTS = 3
+
+
+def _first_int(lines: Sequence[str]) -> int | None:
+    for line in lines:
+        line = line.strip()
+        if line.lstrip("-").isdigit():
+            return int(line)
+    return None
+
+
+def _kb(kb: int) -> str:
+    value = float(kb) * 1024
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{kb} kB"
+
+
+@dataclass
+class SwitchStep:
+    """The result of the detached switch step: did it switch, which hook failed, output."""
+
+    status: str  # "ok", "switch" (the switch failed) or "hook" (a hook failed)
+    rc: int = 0
+    failed_hook: int | None = None
+    switch_output: str = ""
+    outputs: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def switched(self) -> bool:
+        return self.status != "switch"
+
+    @property
+    def hooks_run(self) -> int:
+        return len(self.outputs)
+
+    def output(self, hook: int) -> str:
+        return self.outputs.get(hook, "")
+
+    @property
+    def message(self) -> str:
+        text = self.switch_output if self.status == "switch" else self.output(
+            self.failed_hook if self.failed_hook is not None else -1)
+        return Result(self.rc or 1, text, "").message if text.strip() else \
+            f"exit status {self.rc}"
+
+    @classmethod
+    def parse(cls, out: str) -> SwitchStep:
+        s = C.parse_sections(out)
+        words = ((s.get("status") or [""])[0]).split()
+        outputs = {int(k.split(":", 1)[1]): "\n".join(v) for k, v in s.items()
+                   if k.startswith("hook:") and k.split(":", 1)[1].isdigit()}
+        switch_out = "\n".join(s.get("switch", []))
+        if words[:1] == ["ok"]:
+            return cls("ok", 0, None, switch_out, outputs)
+        if words[:1] == ["switch"] and len(words) == 2 and words[1].isdigit():
+            return cls("switch", int(words[1]), None, switch_out, outputs)
+        if words[:1] == ["hook"] and len(words) == 3 and all(w.isdigit() for w in words[1:]):
+            return cls("hook", int(words[2]), int(words[1]), switch_out, outputs)
+        raise HostError(f"the switch step ended without a usable result ({' '.join(words)!r})")

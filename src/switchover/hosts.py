@@ -15,10 +15,13 @@ class HostSpec:
     host: str
     user: str | None = None
     port: int | None = None
+    label: str | None = None  # an inventory name, shown instead of the address
 
     @property
     def name(self) -> str:
         """How the host is shown to people and recorded in the history."""
+        if self.label:
+            return self.label
         host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port else ""
@@ -41,7 +44,7 @@ def parse_host(spec: str) -> HostSpec:
     user = None
     if "@" in s:
         user, s = s.split("@", 1)
-        if not _USER_RE.match(user):
+        if not _USER_RE.fullmatch(user):
             raise ValueError(f"host {spec!r}: user {user!r} is not a valid user name")
     port: int | None = None
     if s.startswith("["):
@@ -49,7 +52,7 @@ def parse_host(spec: str) -> HostSpec:
         if end < 0:
             raise ValueError(f"host {spec!r}: unclosed '['")
         host, rest = s[1:end], s[end + 1 :]
-        if not _V6_RE.match(host):
+        if not _V6_RE.fullmatch(host):
             raise ValueError(f"host {spec!r}: {host!r} is not an IPv6 address")
         if rest:
             if not rest.startswith(":"):
@@ -59,7 +62,7 @@ def parse_host(spec: str) -> HostSpec:
         host, sep, port_s = s.partition(":")
         if sep:
             port = _port(port_s, spec)
-        if not _HOST_RE.match(host):
+        if not _HOST_RE.fullmatch(host):
             raise ValueError(
                 f"host {spec!r}: {host!r} is not a valid host name, address or ssh alias"
             )

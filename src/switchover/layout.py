@@ -56,3 +56,21 @@ class Layout:
 
     def release(self, release: str) -> str:
         return self._join("releases", release)
+
+    @property
+    def heartbeat(self) -> str:
+        # Epoch seconds by the host's clock, rewritten by the lock holder every ~30 s.
+        return self._join(".switchover", "lock", "heartbeat")
+
+    @property
+    def run_dir(self) -> str:
+        # One dir per detached switch step (runner script, pid, log, status).
+        return self._join(".switchover", "run")
+
+    @property
+    def manifests(self) -> str:
+        # Outside the release on purpose: never mistaken for (or served as) an app file.
+        return self._join(".switchover", "manifests")
+
+    def manifest(self, release: str) -> str:
+        return self._join(".switchover", "manifests", release + ".json")

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from switchover import locks
 from switchover.config import Environment
 from switchover.context import RunContext
 from switchover.errors import (
@@ -73,6 +74,9 @@ def status(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
                          "locked": None, "error": _error_text(o.error)})
             continue
         states = st.states()
+        # A lock whose owner is provably gone is not a deploy in progress.
+        stale = None if st.lock is None else locks.stale_reason(
+            st.lock, st.lock_heartbeat_age, env.lock_timeout)
         rows.append({
             "host": h.name,
             "reachable": True,
@@ -82,6 +86,8 @@ def status(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
             "locked": st.lock is not None,
             "lock_owner": st.lock,
             "releases": len(st.releases),
+            "lock_stale": stale,
+            "last_deploy": last_deploy(st.history, None if stale else st.lock),
             "error": None,
         })
     live = {r["current"] for r in rows if r["reachable"]}
@@ -98,7 +104,9 @@ def releases(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
         else:
             rows.append({"host": h.name, "error": None,
                          "releases": o.value.states().listing()})
-    return CommandResult({"environment": env.name, "hosts": rows},
+    live = {next((r["id"] for r in row["releases"] if r["state"] == "live"), None)
+            for row in rows if not row["error"]}
+    return CommandResult({"environment": env.name, "drift": len(live) > 1, "hosts": rows},
                          _worst([o.error for o in outcomes]))
 
 
@@ -116,13 +124,35 @@ def mark_interrupted(entries: list[dict[str, Any]], lock: dict[str, Any] | None)
                 e["interrupted"] = True
 
 
+def last_deploy(entries: list[dict[str, Any]], lock: dict[str, Any] | None
+                ) -> dict[str, Any] | None:
+    """The host's latest deploy and how it ended: succeeded, failed, running or interrupted."""
+    started = next((e for e in reversed(entries) if e.get("event") == "deploy_started"), None)
+    if started is None:
+        return None
+    key = (started.get("deploy_id"), started.get("release"))
+    state = "interrupted"
+    for e in entries:
+        if e.get("event") in ENDINGS and (e.get("deploy_id"), e.get("release")) == key:
+            state = "succeeded" if e.get("event") == "deploy_succeeded" else "failed"
+    if state == "interrupted" and (lock or {}).get("deploy_id") == started.get("deploy_id"):
+        state = "running"
+    return {"release": started.get("release"), "deploy_id": started.get("deploy_id"),
+            "user": started.get("user"), "origin": started.get("origin"),
+            "time": started.get("time"), "state": state}
+
+
 def history(env: Environment, hosts: Sequence[HostOps], limit: int | None) -> CommandResult:
     outcomes = _on_hosts(hosts, env, lambda h: h.read_state())
     entries: list[dict[str, Any]] = []
     for h, o in zip(hosts, outcomes, strict=True):
         if o.value is not None:
-            own = [dict(e, host=e.get("host") or h.name) for e in o.value.history]
-            mark_interrupted(own, o.value.lock)
+            st = o.value
+            own = [dict(e, host=e.get("host") or h.name) for e in st.history]
+            # A stale lock (its owner provably gone) is not a deploy still running.
+            stale = st.lock is not None and locks.stale_reason(
+                st.lock, st.lock_heartbeat_age, env.lock_timeout) is not None
+            mark_interrupted(own, None if stale else st.lock)
             entries.extend(own)
     # Stable sort: equal timestamps keep each host's own append order.
     entries.sort(key=lambda e: str(e.get("time", "")))

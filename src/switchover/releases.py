@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-RELEASE_RE = re.compile(r"^\d{8}_\d{6}(?:_\d{2,})?$")
+RELEASE_RE = re.compile(r"[0-9]{8}_[0-9]{6}(?:_[0-9]{2,})?")  # ASCII digits only; fullmatch
 
 # History events that leave the named release live on the host.
 SWITCH_EVENTS = frozenset({"switched", "rolled_back", "rollback"})
 
 
 def is_release_id(value: str) -> bool:
-    return bool(RELEASE_RE.match(value))
+    return bool(RELEASE_RE.fullmatch(value))
 
 
 def new_release_id(existing: Iterable[str], now: datetime | None = None) -> str:

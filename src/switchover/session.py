@@ -6,15 +6,27 @@ from switchover.config import Environment
 from switchover.hostops import HostOps
 from switchover.hosts import LOCAL
 from switchover.layout import Layout
+from switchover.locks import LockPolicy
+from switchover.secrets import redactor_for
 from switchover.transport import LocalTransport, SshOptions, SshTransport
 
 
 def open_hosts(env: Environment) -> list[HostOps]:
     layout = Layout(env.deploy_to)
     if env.is_local:
-        return [HostOps(LOCAL, LocalTransport(), layout, env.timeout)]
-    options = SshOptions(ssh_config=env.ssh_config, identity_file=env.identity_file)
-    return [HostOps(h, SshTransport(h, options), layout, env.timeout) for h in env.hosts]
+        hosts = [HostOps(LOCAL, LocalTransport(), layout, env.timeout)]
+    else:
+        # A host that accepts TCP but never answers must not hold the fleet longer than a step.
+        connect = max(1, min(10, int(env.timeout)))
+        options = SshOptions(ssh_config=env.ssh_config, identity_file=env.identity_file,
+                             connect_timeout=connect)
+        hosts = [HostOps(h, SshTransport(h, options), layout, env.timeout) for h in env.hosts]
+    redact = redactor_for(env)
+    locking = LockPolicy(timeout=env.lock_timeout, app=env.app, env=env.name)
+    for h in hosts:
+        h.redact = redact
+        h.locking = locking
+    return hosts
 
 
 def hook_environment(env: Environment, host: str, release: str, release_path: str,

@@ -12,10 +12,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from switchover.errors import HostError, Interrupted
+from switchover.errors import ConnectionLost, DiskFull, HostError, Interrupted, TransferError
 from switchover.hosts import HostSpec
+
+if TYPE_CHECKING:
+    from switchover.transport.progress import ProgressCallback
+    from switchover.treediff import TreeDiff
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,15 @@ class Transport(Protocol):
 
     def connect(self) -> None: ...
 
-    def run(self, script: str, *, timeout: float | None = None) -> Result: ...
+    def reconnect(self) -> None:
+        """Bring the connection back after it dropped (a no-op where there is none)."""
+        ...
+
+    def run(
+        self, script: str, *, timeout: float | None = None, input: bytes | None = None
+    ) -> Result:
+        """Run a sh script; `input` (if given) is its stdin, else stdin is /dev/null."""
+        ...
 
     def sync(
         self,
@@ -62,9 +74,26 @@ class Transport(Protocol):
         link_dest: str | None,
         exclude: Sequence[str],
         timeout: float | None = None,
+        progress: ProgressCallback | None = None,
     ) -> SyncStats: ...
 
+    def compare(
+        self, src: Path, dest: str, *, exclude: Sequence[str], timeout: float | None = None
+    ) -> TreeDiff:
+        """What syncing src into dest would change, file by file; writes nothing."""
+        ...
+
     def close(self) -> None: ...
+
+
+_abort_generation = 0
+
+
+def abort_running() -> None:
+    """Kill every step in flight at once (a second Ctrl-C). Steps started later run normally,
+    so the locks can still be released on the way out."""
+    global _abort_generation
+    _abort_generation += 1
 
 
 def run_process(
@@ -74,45 +103,57 @@ def run_process(
     host: str,
     what: str,
     abort: threading.Event | None = None,
+    input: bytes | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv in its own session so Ctrl-C reaches us, not the child mid-step.
 
     The deploy decides what an interrupt means: before the switch it sets `abort` and the
     step is killed at once (nothing live depends on it); after the switch steps run to
     their end. A child killed by the terminal's SIGINT could leave a step half-done.
+
+    `input` is written to the child's stdin as exact bytes: the way secrets travel, since
+    anything on a command line is visible to every user of the machine (`ps`).
     """
     proc = subprocess.Popen(
         list(argv),
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
         start_new_session=True,
     )
+    pending = input  # communicate() takes the input once; retries continue sending it
     deadline = None if timeout is None else time.monotonic() + timeout
+    generation = _abort_generation
     try:
         while True:
             if abort is not None and abort.is_set():
                 raise Interrupted(f"{what} interrupted", host=host)
+            if _abort_generation != generation:
+                raise Interrupted(f"{what} aborted", host=host)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise HostError(f"{what} timed out after {timeout:g} s", host=host)
-            wait = 0.2 if abort is not None else None  # poll the abort flag
+            wait = 0.2  # poll the abort flags
             if left is not None:
-                wait = left if wait is None else min(wait, left)
+                wait = min(wait, left)
             try:
-                out, err = proc.communicate(timeout=wait)
+                out, err = proc.communicate(pending, timeout=wait)
                 break
             except subprocess.TimeoutExpired:
+                pending = None
                 continue
     except BaseException:  # our own Interrupted/HostError above, or Ctrl-C
         _kill_group(proc)
         raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, _text(out), _text(err))
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _text(data: bytes) -> str:
+    """Decode like text-mode pipes did: UTF-8, bad bytes replaced, universal newlines."""
+    return data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
     """Kill the child's process group and reap it, without waiting for EOF on its pipes.
 
     Over a ControlMaster the master holds copies of our pipe fds until the remote side
@@ -144,12 +185,36 @@ def parse_rsync_stats(output: str) -> SyncStats:
     return SyncStats(**values)
 
 
+PARTIAL_DIR = ".switchover-partial"
+# rsync exit codes that mean the link or the remote side went away, not a local mistake.
+RSYNC_NETWORK_CODES = frozenset({10, 12, 30, 35, 255})
+_NO_SPACE = ("no space left on device", "disk quota exceeded")
+
+
+def rsync_failure(rc: int, stderr: str, host: str, what: str = "upload") -> TransferError:
+    """The error for a failed rsync: out of space, connection lost (retryable), or other."""
+    low = stderr.lower()
+    reason = Result(1, "", stderr).message
+    if any(marker in low for marker in _NO_SPACE):
+        line = next((ln.strip() for ln in stderr.splitlines()
+                     if any(m in ln.lower() for m in _NO_SPACE)), reason)
+        return DiskFull(f"{what} failed: no space left on the host ({line})", host=host)
+    if rc in RSYNC_NETWORK_CODES:
+        return ConnectionLost(f"connection lost during {what} (rsync exit {rc}): {reason}",
+                              host=host)
+    return TransferError(f"{what} failed (rsync exit {rc}): {reason}", host=host)
+
+
 def rsync_args(src: Path, link_dest: str | None, exclude: Sequence[str]) -> list[str]:
     """The rsync options shared by both transports (destination appended by the caller)."""
     # --checksum: rsync's quick check (size + mtime) would hard-link the *old* copy of a
     # file whose content changed but whose size did not, whenever mtimes are pinned
     # (reproducible builds, `git archive`, SOURCE_DATE_EPOCH) or fall in one second.
     args = ["rsync", "-a", "--checksum", "--delete", "--stats", "--timeout=60"]
+    # A retried upload resumes: files already complete in the staging dir are skipped, and a
+    # file cut off mid-way is kept in a partial dir (next to it, inside staging) and used as
+    # the basis of the next attempt. rsync excludes the partial dir from --delete by itself.
+    args.append(f"--partial-dir={PARTIAL_DIR}")
     if link_dest:
         # Unchanged files become hard links to the live release's copies: not sent, not stored.
         args.append(f"--link-dest={link_dest}")

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import fnmatch
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from switchover.errors import TransferError
+from switchover.errors import DiskFull, TransferError
 from switchover.hosts import LOCAL, HostSpec
 from switchover.transport.base import (
     Result,
     SyncStats,
     parse_rsync_stats,
     rsync_args,
+    rsync_failure,
     run_process,
 )
+from switchover.transport.progress import (
+    PROGRESS_ARGS,
+    ProgressCallback,
+    SyncProgress,
+    progress_reader,
+    run_streaming,
+)
+
+if TYPE_CHECKING:
+    from switchover.treediff import TreeDiff
 
 
 class LocalTransport:
@@ -29,9 +43,13 @@ class LocalTransport:
     def connect(self) -> None:
         return None
 
-    def run(self, script: str, *, timeout: float | None = None) -> Result:
+    def reconnect(self) -> None:
+        return None
+
+    def run(self, script: str, *, timeout: float | None = None,
+            input: bytes | None = None) -> Result:
         cp = run_process(["sh", "-c", script], timeout=timeout, host=self.host.name, what="command",
-                         abort=self.abort)
+                         abort=self.abort, input=input)
         return Result(cp.returncode, cp.stdout, cp.stderr)
 
     def sync(
@@ -42,21 +60,42 @@ class LocalTransport:
         link_dest: str | None,
         exclude: Sequence[str],
         timeout: float | None = None,
+        progress: ProgressCallback | None = None,
     ) -> SyncStats:
         if shutil.which("rsync"):
             argv = [*rsync_args(src, link_dest, exclude), dest.rstrip("/") + "/"]
-            cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
-                             abort=self.abort)
+            if progress is None:
+                cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
+                                 abort=self.abort)
+            else:
+                cp = run_streaming([argv[0], *PROGRESS_ARGS, *argv[1:]], timeout=timeout,
+                                   host=self.host.name, what="copy", abort=self.abort,
+                                   on_line=progress_reader(progress))
             if cp.returncode != 0:
-                raise TransferError(
-                    f"copy failed (rsync exit {cp.returncode}): {Result(1, '', cp.stderr).message}",
-                    host=self.host.name,
-                )
+                raise rsync_failure(cp.returncode, cp.stderr, self.host.name, "copy")
             return parse_rsync_stats(cp.stdout)
         try:
-            return copy_tree(src, Path(dest), Path(link_dest) if link_dest else None, exclude)
+            return copy_tree(src, Path(dest), Path(link_dest) if link_dest else None, exclude,
+                             progress)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"copy failed: no space left on the host ({e})",
+                               host=self.host.name) from None
             raise TransferError(f"copy failed: {e}", host=self.host.name) from None
+
+    def compare(
+        self, src: Path, dest: str, *, exclude: Sequence[str], timeout: float | None = None
+    ) -> TreeDiff:
+        from switchover import treediff  # imports this module: bind late
+
+        if not shutil.which("rsync"):
+            return treediff.compare_trees(src, Path(dest), exclude)
+
+        def rsync(args: list[str]) -> subprocess.CompletedProcess[str]:
+            return run_process(["rsync", *args], timeout=timeout, host=self.host.name,
+                               what="compare", abort=self.abort)
+
+        return treediff.rsync_compare(rsync, src, dest, exclude, self.host.name)
 
     def close(self) -> None:
         return None
@@ -75,13 +114,19 @@ def excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
 
 
 def copy_tree(
-    src: Path, dest: Path, link_dest: Path | None, exclude: Sequence[str]
+    src: Path, dest: Path, link_dest: Path | None, exclude: Sequence[str],
+    progress: ProgressCallback | None = None,
 ) -> SyncStats:
     """Copy src into dest, hard-linking files unchanged since link_dest (rsync-less fallback).
 
     "Unchanged" means same size, mode and content (like rsync --checksum): equal mtimes
-    prove nothing when builds pin them.
+    prove nothing when builds pin them. `progress` is told after each file.
     """
+
+    def tell() -> None:
+        if progress is not None:
+            progress(SyncProgress(bytes_sent=sent_bytes, files_sent=sent, files_checked=total))
+
     total = sent = sent_bytes = 0
     dest.mkdir(parents=True, exist_ok=True)
     for dirpath, dirnames, filenames in os.walk(src):
@@ -122,10 +167,12 @@ def copy_tree(
                     same = False
                 if same:
                     os.link(old, d)
+                    tell()
                     continue
             shutil.copy2(s, d)
             sent += 1
             sent_bytes += st.st_size
+            tell()
     for dirpath, _dirnames, _ in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         target = dest if rel == "." else dest / rel

@@ -14,20 +14,29 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from switchover.errors import HostError, TransferError
+from switchover.errors import ConnectionLost, DiskFull, HostError
 from switchover.hosts import HostSpec
 from switchover.transport.base import (
     Result,
     SyncStats,
     parse_rsync_stats,
     rsync_args,
+    rsync_failure,
     run_process,
 )
+from switchover.transport.progress import (
+    PROGRESS_ARGS,
+    ProgressCallback,
+    progress_reader,
+    run_streaming,
+)
+
+if TYPE_CHECKING:
+    from switchover.treediff import TreeDiff
 
 SSH_CONNECTION_FAILED = 255
-# rsync exit codes that mean the link or the remote side went away, not a local mistake.
-RSYNC_NETWORK_CODES = {10, 12, 30, 35, 255}
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ class SshTransport:
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                     start_new_session=True,
-                    timeout=self.options.connect_timeout + 20,
+                    timeout=self.options.connect_timeout + 5,
                 )
             except subprocess.TimeoutExpired:
                 raise HostError("could not connect: timed out", host=self.host.name) from None
@@ -129,13 +138,28 @@ class SshTransport:
             )
         self._connected = True
 
-    def run(self, script: str, *, timeout: float | None = None) -> Result:
+    def reconnect(self) -> None:
+        """Make sure a master connection is up again after the link dropped."""
+        if self._connected:
+            check = subprocess.call(
+                [*self._base_args(), "-O", "check", "--", self.host.destination],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                timeout=10,
+            )
+            if check == 0:
+                return
+            self._connected = False
+        self.connect()
+
+    def run(self, script: str, *, timeout: float | None = None,
+            input: bytes | None = None) -> Result:
         # The remote login shell parses this one string; the script itself is one quoted word.
+        # `input` goes over the channel as the script's stdin, never into argv.
         argv = [*self._command_args(), "--", self.host.destination, "sh -c " + shlex.quote(script)]
         cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command",
-                         abort=self.abort)
+                         abort=self.abort, input=input)
         if cp.returncode == SSH_CONNECTION_FAILED:
-            raise HostError(
+            raise ConnectionLost(
                 f"connection lost or refused: {describe_ssh_failure(cp.stderr)}",
                 host=self.host.name,
             )
@@ -153,6 +177,7 @@ class SshTransport:
         link_dest: str | None,
         exclude: Sequence[str],
         timeout: float | None = None,
+        progress: ProgressCallback | None = None,
     ) -> SyncStats:
         # -s (protect args): the remote path reaches rsync verbatim, not re-split by a shell.
         argv = [
@@ -161,18 +186,36 @@ class SshTransport:
             "-e", self.rsh(),
             f"{self.host.destination}:{dest.rstrip('/')}/",
         ]
-        cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
-                         abort=self.abort)
+        if progress is None:
+            cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
+                             abort=self.abort)
+        else:
+            cp = run_streaming([argv[0], *PROGRESS_ARGS, *argv[1:]], timeout=timeout,
+                               host=self.host.name, what="upload", abort=self.abort,
+                               on_line=progress_reader(progress))
         if cp.returncode != 0:
-            reason = describe_ssh_failure(cp.stderr) if cp.returncode == 255 else (
-                Result(1, "", cp.stderr).message
-            )
-            kind = "connection lost during upload" if cp.returncode in RSYNC_NETWORK_CODES else (
-                "upload failed"
-            )
-            raise TransferError(f"{kind} (rsync exit {cp.returncode}): {reason}",
-                                host=self.host.name)
+            error = rsync_failure(cp.returncode, cp.stderr, self.host.name)
+            if cp.returncode == SSH_CONNECTION_FAILED and not isinstance(error, DiskFull):
+                error = ConnectionLost(f"connection lost during upload (rsync exit 255): "
+                                       f"{describe_ssh_failure(cp.stderr)}", host=self.host.name)
+            raise error
         return parse_rsync_stats(cp.stdout)
+
+    def compare(
+        self, src: Path, dest: str, *, exclude: Sequence[str], timeout: float | None = None
+    ) -> TreeDiff:
+        from switchover.treediff import rsync_compare  # imports the transports: bind late
+
+        def rsync(args: list[str]) -> subprocess.CompletedProcess[str]:
+            cp = run_process(["rsync", "-s", "-e", self.rsh(), *args], timeout=timeout,
+                             host=self.host.name, what="compare", abort=self.abort)
+            if cp.returncode == SSH_CONNECTION_FAILED:
+                raise HostError(f"connection lost: {describe_ssh_failure(cp.stderr)}",
+                                host=self.host.name)
+            return cp
+
+        return rsync_compare(rsync, src, f"{self.host.destination}:{dest}", exclude,
+                             self.host.name)
 
     def close(self) -> None:
         if self._connected:

@@ -1,0 +1,41 @@
+"""A test hook for fault injection: pause the tool at a named step so a test can kill it there.
+
+Set SWITCHOVER_TEST_PAUSE_AT to a step name (or several, comma-separated) and, optionally,
+SWITCHOVER_TEST_PAUSE_MARKER to a file path. When a deploy reaches that step it writes
+"<step> <host> <pid>" to the marker file and sleeps (at most SWITCHOVER_TEST_PAUSE_SECONDS,
+default 60), so the test can SIGKILL it at exactly that point. Unset, it does nothing.
+It is a test hook only: nothing in normal operation sets these variables.
+
+Steps, in deploy order: after_lock, after_begin, after_upload, after_finalize, before_switch,
+during_switch (the detached switch step runs on the host), after_hooks, after_health,
+before_rollback_switch, before_unlock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+PAUSE_AT = "SWITCHOVER_TEST_PAUSE_AT"
+PAUSE_MARKER = "SWITCHOVER_TEST_PAUSE_MARKER"
+PAUSE_SECONDS = "SWITCHOVER_TEST_PAUSE_SECONDS"
+
+
+def pausing(step: str) -> bool:
+    """True if the environment asks to pause at `step`."""
+    return step in os.environ.get(PAUSE_AT, "").split(",")
+
+
+def pause(step: str, host: str = "") -> None:
+    """If asked to by the environment, mark and sleep at `step` (see the module docstring)."""
+    if not pausing(step):
+        return
+    marker = os.environ.get(PAUSE_MARKER)
+    if marker:
+        with open(marker, "a") as f:
+            f.write(f"{step} {host} {os.getpid()}\n")
+    try:
+        seconds = float(os.environ.get(PAUSE_SECONDS, "60"))
+    except ValueError:
+        seconds = 60.0
+    time.sleep(max(0.0, min(seconds, 600.0)))

@@ -1,0 +1,202 @@
+"""Release manifests: what a release held when it was uploaded, and drift against it.
+
+A manifest lists every file (path, size, mode, sha256) and symlink (path, target) of the
+uploaded tree, computed here from the local artifact. It is stored on each host under
+.switchover/manifests/<release>.json: outside the release, so an app never serves or trips
+over it, and removed only together with its release. `verify ENV` lists the live release
+on each host (hashing there) and compares. Shared items ([shared] files and dirs, linked in
+at finalize) are expected differences, not drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from switchover.releases import utc_now_iso
+from switchover.transport.local import excluded
+
+VERSION = 1
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(root: Path, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Every file and symlink under root (after excludes), keyed by relative path."""
+    entries: dict[str, dict[str, Any]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        keep = []
+        for name in dirnames:
+            rel = os.path.join(rel_dir, name)
+            if excluded(rel, name, exclude):
+                continue
+            if os.path.islink(os.path.join(dirpath, name)):  # os.walk does not follow it
+                entries[rel] = {"type": "link", "target": os.readlink(os.path.join(dirpath,
+                                                                                   name))}
+                continue
+            keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            rel = os.path.join(rel_dir, name)
+            if excluded(rel, name, exclude):
+                continue
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = {"type": "link", "target": os.readlink(p)}
+            elif stat.S_ISREG(st.st_mode):
+                entries[rel] = {"type": "file", "size": st.st_size,
+                                "mode": f"{stat.S_IMODE(st.st_mode):04o}", "sha256": _sha256(p)}
+    return entries
+
+
+_cache: dict[tuple[str, tuple[str, ...]], dict[str, dict[str, Any]]] = {}
+_cache_lock = threading.Lock()
+
+
+def scan_cached(root: Path, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`scan`, once per tree per process: every host of a deploy uploads the same tree."""
+    key = (str(root.resolve()), tuple(exclude))
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = scan(root, exclude)
+        return _cache[key]
+
+
+def build(release: str, files: dict[str, dict[str, Any]], shared_files: Iterable[str],
+          shared_dirs: Iterable[str]) -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "release": release,
+        "created": utc_now_iso(),
+        "shared": {"files": list(shared_files), "dirs": list(shared_dirs)},
+        "files": files,
+    }
+
+
+def encode(doc: Mapping[str, Any]) -> bytes:
+    return (json.dumps(doc, ensure_ascii=True, sort_keys=True) + "\n").encode()
+
+
+# -- what the host holds ---------------------------------------------------------------------
+
+
+def _mode_from_ls(perms: str) -> str | None:
+    """`rwxr-sr-x` (ls -l columns 2-10) -> "2755"."""
+    if len(perms) != 9:
+        return None
+    bits = 0
+    special = {2: (0o4000, "sS"), 5: (0o2000, "sS"), 8: (0o1000, "tT")}
+    for i, ch in enumerate(perms):
+        bit = 1 << (8 - i)
+        if i in special:
+            extra, marks = special[i]
+            if ch in marks:
+                bits |= extra
+                if ch == marks[0]:  # lower case: the execute bit is set too
+                    bits |= bit
+                continue
+        if ch != "-":
+            bits |= bit
+    return f"{bits:04o}"
+
+
+def parse_listing(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The host's listing: JSON lines (python3 lister) or tab-separated (sh fallback)."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            path = rec.pop("p", None)
+            if not isinstance(path, str):
+                continue
+            kind = rec.pop("t", "other")
+            out[path] = {"type": kind, **rec}
+        elif line.startswith("L\t"):
+            parts = line.split("\t", 2)
+            if len(parts) == 3:
+                out[parts[1]] = {"type": "link", "target": parts[2]}
+        elif line.startswith("F\t"):
+            parts = line.split("\t", 4)
+            if len(parts) == 5:
+                size = int(parts[2]) if parts[2].isdigit() else -1
+                out[parts[4]] = {"type": "file", "size": size, "mode": _mode_from_ls(parts[1]),
+                                 "sha256": parts[3]}
+    return out
+
+
+@dataclass
+class Drift:
+    added: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    modified: list[dict[str, str]] = field(default_factory=list)  # path + what changed
+
+    @property
+    def clean(self) -> bool:
+        return not (self.added or self.missing or self.modified)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"added": self.added, "missing": self.missing, "modified": self.modified}
+
+
+def _under(path: str, items: Iterable[str]) -> bool:
+    return any(path == i or path.startswith(i.rstrip("/") + "/") for i in items)
+
+
+def compare(manifest: Mapping[str, Any], actual: Mapping[str, Mapping[str, Any]]) -> Drift:
+    """Drift of the host's files against the manifest; shared items are expected to differ."""
+    expected: Mapping[str, Mapping[str, Any]] = manifest.get("files", {})
+    shared = manifest.get("shared", {})
+    skip = [*shared.get("files", []), *shared.get("dirs", [])]
+    drift = Drift()
+    for path in sorted(set(expected) | set(actual)):
+        if _under(path, skip):
+            continue
+        want, have = expected.get(path), actual.get(path)
+        if want is None:
+            drift.added.append(path)
+        elif have is None:
+            drift.missing.append(path)
+        else:
+            what = _difference(want, have)
+            if what:
+                drift.modified.append({"path": path, "change": what})
+    return drift
+
+
+def _difference(want: Mapping[str, Any], have: Mapping[str, Any]) -> str | None:
+    if want.get("type") != have.get("type"):
+        return f"was a {want.get('type')}, now a {have.get('type')}"
+    if want.get("type") == "link":
+        if want.get("target") != have.get("target"):
+            return f"link target {want.get('target')!r} -> {have.get('target')!r}"
+        return None
+    changes = []
+    if want.get("sha256") != have.get("sha256"):
+        changes.append("content")
+    if want.get("size") != have.get("size"):
+        changes.append(f"size {want.get('size')} -> {have.get('size')}")
+    if have.get("mode") is not None and want.get("mode") != have.get("mode"):
+        changes.append(f"mode {want.get('mode')} -> {have.get('mode')}")
+    return ", ".join(changes) or None

@@ -1,0 +1,103 @@
+"""Ctrl-C after the switch, a second Ctrl-C, and locks kept alive by a heartbeat."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from project import Project, ssh_target
+
+from faults.kit import Client, check_invariants, lock_owner
+
+
+def _wait_all(paths, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(p.exists() for p in paths):
+        time.sleep(0.02)
+    assert all(p.exists() for p in paths), paths
+
+
+def test_sigint_after_switch_finishes_the_check_then_rolls_back(project: Project):
+    project.ok("deploy", "test")
+    first = {h: project.current(h) for h in project.target.hosts}
+    (project.app / "index.html").write_text("v2\n")
+    check = "touch ../../check-started; sleep 1; touch ../../check-finished"
+    client = Client(project, "deploy", "test", "--check", check)
+    _wait_all([project.root(h) / "check-started" for h in project.target.hosts])
+    client.proc.send_signal(signal.SIGINT)
+    r = client.finish()
+    assert r.returncode == 130, r.stderr
+    assert "stopping safely" in r.stderr
+    assert "interrupted after the switch: rolled back" in r.stdout + r.stderr
+    check_invariants(project, first)
+    for h in project.target.hosts:
+        # the check in flight was not cut off: it ran to its end, then the host went back
+        assert (project.root(h) / "check-finished").exists()
+        assert project.live_file("index.html", h) == "v1\n"
+        assert project.events(h)[-2:] == ["deploy_failed", "rolled_back"]
+        assert not project.locked(h)
+
+
+def test_second_sigint_aborts_now(project: Project):
+    project.ok("deploy", "test")
+    (project.app / "index.html").write_text("v2\n")
+    client = Client(project, "deploy", "test", "--check", "touch ../../check-started; sleep 8")
+    _wait_all([project.root(h) / "check-started" for h in project.target.hosts])
+    client.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    client.proc.send_signal(signal.SIGINT)
+    r = client.finish(timeout=6)  # well before the 8 s check would have ended
+    assert r.returncode == 130, r.stderr
+    assert "aborting now" in r.stderr
+    # It says how it ended: rolled back at once, or aborted where it stood.
+    assert "rolled back" in r.stdout + r.stderr or "switchover status" in r.stderr
+    check_invariants(project)  # every host on a complete release
+    for h in project.target.hosts:
+        assert not project.locked(h)  # the locks are still released on the way out
+
+
+@pytest.fixture
+def sshp(ssh_fleet, tmp_path) -> Project:
+    if not ssh_fleet.shared_path:
+        pytest.skip("per-host mount namespaces unavailable")
+    ssh_fleet.ensure_running()
+    return Project(tmp_path / "proj", ssh_target(ssh_fleet, tmp_path.name))
+
+
+def test_heartbeat_keeps_a_live_lock_and_a_silent_one_is_taken_over(sshp: Project):
+    p = sshp
+    p.write_config(env_extra="lock_timeout = 1.0\n")
+    p.ok("deploy", "test")
+    holder = Client(p, "deploy", "test", pause_at="after_begin",
+                    env={"SWITCHOVER_LOCK_HEARTBEAT": "0.3"})
+    holder.wait_paused()
+    beat = {h: p.root(h) / ".switchover" / "lock" / "heartbeat" for h in p.target.hosts}
+    start = {h: int(beat[h].read_text()) for h in p.target.hosts}
+    # Seen from "elsewhere", only the heartbeat can tell whether the owner is alive.
+    for h in p.target.hosts:
+        owner = lock_owner(p, h)
+        assert owner is not None
+        owner.update(origin="another-machine", machine="other")
+        (beat[h].parent / "owner.json").write_text(json.dumps(owner) + "\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+            int(beat[h].read_text()) >= start[h] + 2 for h in p.target.hosts):
+        time.sleep(0.1)
+    # The lock is older than lock_timeout, but its heartbeat is fresh: never taken.
+    r = p.run("deploy", "test")
+    assert r.returncode == 4, r.stderr
+    assert "another-machine" in r.stderr and "last heartbeat" in r.stderr
+    holder.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+            time.time() - int(beat[h].read_text()) >= 2.2 for h in p.target.hosts):
+        time.sleep(0.1)
+    r = p.ok("deploy", "test")
+    assert "took over a stale lock" in r.stderr and "no heartbeat for" in r.stderr
+    for h in p.target.hosts:
+        taken = [e for e in p.history(h) if e["event"] == "unlock" and e.get("takeover")]
+        assert taken and taken[-1]["former_owner"]["origin"] == "another-machine"
+        assert not p.locked(h)
+    check_invariants(p)
