@@ -27,3 +27,14 @@ def test_copy_tree_links_unchanged_and_copies_changed_even_with_equal_mtime(tmp_
     assert os.readlink(new / "link") == "same.txt"
     assert not (new / "skip.log").exists()
     assert stats.files_transferred == 1
+
+
+def test_large_stdin_reaches_a_slow_reader_whole():
+    """Regression: input must keep flowing after the first poll window (0.2 s) has passed."""
+    from switchover.transport.base import run_process
+
+    data = b"x" * (4 << 20)
+    cp = run_process(["sh", "-c", "sleep 1; wc -c"], timeout=30, host="local", what="test",
+                     input=data)
+    assert cp.returncode == 0
+    assert cp.stdout.strip() == str(len(data))

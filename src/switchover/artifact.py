@@ -17,12 +17,13 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
+from switchover import manifest
 from switchover.errors import ArtifactError
-from switchover.transport.local import excluded
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
@@ -36,6 +37,9 @@ class Artifact:
     sha256: str
     files: int
     size: int
+    # Every file's path, size, mode and sha256 (manifest.scan): read once, stored with the
+    # release on each host, and the basis of `sha256` for a directory artifact.
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _tmp: str | None = field(default=None, repr=False)
 
     def cleanup(self) -> None:
@@ -205,29 +209,18 @@ def check_tree(root: Path) -> None:
     check_links_inside(root, root)
 
 
-def tree_digest(root: Path, exclude: Sequence[str]) -> tuple[str, int, int]:
-    """A sha256 over every path, mode and content in the tree, plus file count and bytes."""
+def tree_digest(entries: Mapping[str, Mapping[str, Any]]) -> tuple[str, int, int]:
+    """A sha256 over every path, mode and content of a scanned tree, its files and bytes."""
     h = hashlib.sha256()
-    files = size = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        dirnames[:] = [d for d in dirnames if not excluded(os.path.join(rel_dir, d), d, exclude)]
-        for name in sorted(filenames):
-            rel = os.path.join(rel_dir, name)
-            if excluded(rel, name, exclude):
-                continue
-            p = Path(dirpath, name)
-            st = p.lstat()
-            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
-            if stat.S_ISLNK(st.st_mode):
-                h.update(os.readlink(p).encode())
-            else:
-                h.update(bytes.fromhex(_sha256_file(p)))
-                size += st.st_size
-            files += 1
-    return h.hexdigest(), files, size
+    size = 0
+    for rel in sorted(entries):
+        e = entries[rel]
+        if e["type"] == "link":
+            h.update(f"{rel}\0link\0{e['target']}\n".encode())
+        else:
+            h.update(f"{rel}\0{e['mode']}\0{e['sha256']}\n".encode())
+            size += e["size"]
+    return h.hexdigest(), len(entries), size
 
 
 def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
@@ -238,10 +231,12 @@ def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
         if not any(source.iterdir()):
             raise ArtifactError(f"artifact {source} is an empty directory")
         check_tree(source)
-        digest, files, size = tree_digest(source, exclude)
+        entries = manifest.scan(source, exclude)
+        digest, files, size = tree_digest(entries)
         if files == 0:
             raise ArtifactError(f"artifact {source} has no files (after excludes)")
-        return Artifact(tree=source, source=source, sha256=digest, files=files, size=size)
+        return Artifact(tree=source, source=source, sha256=digest, files=files, size=size,
+                        entries=entries)
     if not source.is_file() or not source.name.endswith(TAR_SUFFIXES):
         raise ArtifactError(
             f"artifact {source} is not a directory or a tarball ({', '.join(TAR_SUFFIXES)})"
@@ -253,15 +248,16 @@ def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
         tree = Path(tmp, "tree")
         tree.mkdir()
         extract_tarball(source, tree)
-        entries = list(tree.iterdir())
+        top = list(tree.iterdir())
         # A tarball of one top-level directory (`tar czf app.tgz app/`) deploys its contents.
-        if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
-            tree = entries[0]
-        _, files, size = tree_digest(tree, exclude)
+        if len(top) == 1 and top[0].is_dir() and not top[0].is_symlink():
+            tree = top[0]
+        entries = manifest.scan(tree, exclude)
+        _, files, size = tree_digest(entries)
         if files == 0:
             raise ArtifactError(f"artifact {source} holds no files")
         return Artifact(tree=tree, source=source, sha256=_sha256_file(source), files=files,
-                        size=size, _tmp=tmp)
+                        size=size, entries=entries, _tmp=tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

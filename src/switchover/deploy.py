@@ -32,7 +32,7 @@ from switchover.errors import (
 from switchover.fanout import fan_out
 from switchover.health import CheckOutcome, expand_url, fetch_url, with_retries
 from switchover.hostops import HostOps, HostState
-from switchover.output import Reporter
+from switchover.output import Reporter, human_size
 from switchover.releases import analyze, new_release_id, select_prune
 from switchover.secrets import SECRETS_FILE, Secrets
 from switchover.secrets import upload as upload_secrets
@@ -113,15 +113,6 @@ class DeployReport:
             "seconds": round(self.seconds, 3),
             "hosts": [h.summary() for h in self.hosts],
         }
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 class Deployer:
@@ -220,15 +211,17 @@ class Deployer:
         link_dest = None
         if run.previous and run.previous in run.state.releases:
             link_dest = ops.layout.release(run.previous)
-        self.out.step(run.name, f"uploading {self.artifact.source.name} "
-                                f"({_size(self.artifact.size)}, {self.artifact.files} files)...")
+        art = self.artifact
+        self.out.step(run.name, f"uploading {art.source.name} "
+                                f"({human_size(art.size)}, {art.files} files)...")
         self._check_cancel()
         with self.out.transfer(run.name, self.artifact.files, self.artifact.size) as progress:
             run.stats = ops.upload(self.artifact.tree, release, link_dest,
-                                   self.env.artifact.exclude, progress)
+                                   self.env.artifact.exclude, progress, self.artifact.entries)
         sent = run.stats.files_transferred
+        sent_bytes = human_size(run.stats.bytes_transferred)
         self.out.step(run.name, f"uploaded: {sent} file{'' if sent == 1 else 's'} changed "
-                                f"({_size(run.stats.bytes_transferred)}), the rest hard-linked")
+                                f"({sent_bytes}), the rest hard-linked")
         self._check_cancel()
         if self.secrets is not None:
             # Before finalize: it links shared/.env into the release and needs it there.
@@ -462,9 +455,14 @@ class Deployer:
             names = ", ".join(r.name for r in failed)
             return self._report("failed", code, f"prepare failed on {names}: nothing was changed")
 
-        self.release = new_release_id(
-            {rel for r in runs if r.state for rel in r.state.releases}
-        )
+        # Never reuse an id a killed deploy used in the same second: its orphaned rsync may
+        # still be writing to that staging path, and its history lines name that id.
+        self.release = new_release_id({
+            rel
+            for r in runs if r.state
+            for rel in (*r.state.releases, *r.state.staging,
+                        *(str(e.get("release")) for e in r.state.history))
+        })
         # 2. stage
         self._each(runs, self._stage)
         if self.cancel.is_set() or self._failed():

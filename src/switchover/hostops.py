@@ -258,14 +258,15 @@ class HostOps:
         pause("after_begin", self.name)
 
     def upload(self, tree: Path, release: str, link_dest: str | None,
-               exclude: Sequence[str], progress: ProgressCallback | None = None) -> SyncStats:
+               exclude: Sequence[str], progress: ProgressCallback | None = None,
+               entries: dict[str, dict[str, Any]] | None = None) -> SyncStats:
         dest = self.layout.staging(release)
         if self.tracer is not None:
             self.tracer.trace(self.name, f"# sync {tree}/ -> {dest}/"
                               + (f" (unchanged files hard-linked from {link_dest})"
                                  if link_dest else ""))
         # The manifest (stored at finalize) describes the tree as it is here, not as it lands.
-        self._manifests[release] = M.scan_cached(tree, exclude)
+        self._manifests[release] = entries if entries is not None else M.scan(tree, exclude)
         delay = RETRY_BACKOFF
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import stat
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,19 +63,6 @@ def scan(root: Path, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
                 entries[rel] = {"type": "file", "size": st.st_size,
                                 "mode": f"{stat.S_IMODE(st.st_mode):04o}", "sha256": _sha256(p)}
     return entries
-
-
-_cache: dict[tuple[str, tuple[str, ...]], dict[str, dict[str, Any]]] = {}
-_cache_lock = threading.Lock()
-
-
-def scan_cached(root: Path, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """`scan`, once per tree per process: every host of a deploy uploads the same tree."""
-    key = (str(root.resolve()), tuple(exclude))
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = scan(root, exclude)
-        return _cache[key]
 
 
 def build(release: str, files: dict[str, dict[str, Any]], shared_files: Iterable[str],

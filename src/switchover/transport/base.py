@@ -114,14 +114,31 @@ def run_process(
     `input` is written to the child's stdin as exact bytes: the way secrets travel, since
     anything on a command line is visible to every user of the machine (`ps`).
     """
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    pending = input  # communicate() takes the input once; retries continue sending it
+    # stdin is fed from our own pipe by a writer thread, not by communicate(): a
+    # communicate() retried after a poll timeout stops sending input (CPython only
+    # registers stdin for writing when input is passed again, and passing it again is an
+    # error), so a large input on a slow host would never reach its end and the remote
+    # side would wait for EOF forever.
+    feed: int | None = None
+    stdin: int = subprocess.DEVNULL
+    if input is not None:
+        stdin, feed = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except BaseException:
+        if feed is not None:
+            os.close(stdin)
+            os.close(feed)
+        raise
+    if feed is not None:
+        os.close(stdin)
+        threading.Thread(target=_feed, args=(feed, input or b""), daemon=True).start()
     deadline = None if timeout is None else time.monotonic() + timeout
     generation = _abort_generation
     try:
@@ -137,15 +154,21 @@ def run_process(
             if left is not None:
                 wait = min(wait, left)
             try:
-                out, err = proc.communicate(pending, timeout=wait)
+                out, err = proc.communicate(timeout=wait)
                 break
             except subprocess.TimeoutExpired:
-                pending = None
                 continue
     except BaseException:  # our own Interrupted/HostError above, or Ctrl-C
         _kill_group(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, _text(out), _text(err))
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """Write all of data to the child's stdin, then close it (EOF). A child that exits
+    early (or is killed) just ends the write."""
+    with contextlib.suppress(BrokenPipeError, OSError), os.fdopen(fd, "wb") as pipe:
+        pipe.write(data)
 
 
 def _text(data: bytes) -> str:
