@@ -4,6 +4,7 @@ import json
 import os
 import string
 import subprocess
+import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -177,3 +178,22 @@ def test_append_after_torn_line_keeps_new_entry_whole(tmp_path):
     assert sh(C.append_history(lay, [{"event": "b"}])).returncode == 0
     state = parse_state(sh(C.dump_state(lay)).stdout)
     assert [e["event"] for e in state.history] == ["a", "b"]
+
+
+def test_background_prune_leaves_releases_at_once_and_empties_trash(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    for rid in ("20260101_000000", "20260102_000000"):
+        make_release(lay, rid)
+        for i in range(200):
+            (Path(lay.release(rid)) / f"f{i}").write_text("x")
+    r = sh(C.remove_releases(lay, ["20260101_000000"], background=True))
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(lay.releases) == ["20260102_000000"]  # gone from releases/ already
+    trash = Path(lay.trash)
+    for _ in range(100):  # the detached delete finishes on its own (bounded wait)
+        if not any(trash.iterdir()):
+            break
+        time.sleep(0.05)
+    assert not any(trash.iterdir())
+    assert len(os.listdir(lay.release("20260102_000000"))) == 201

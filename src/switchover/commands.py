@@ -150,6 +150,8 @@ def _after_lock(layout: Layout) -> str:
         f" {q(d.meta)}/lock.stale.*",
         # Finished detached switch steps of earlier deploys (a running one is never touched).
         f"for r in {q(d.run_dir)}/*/; do if [ -f \"${{r}}status\" ]; then rm -rf \"$r\"; fi; done",
+        # Pruned releases a host reboot interrupted the deletion of: finish it, off the path.
+        _empty_trash(layout),
         dump_state(layout),
     )
 
@@ -307,10 +309,28 @@ def run_in_release(
     )
 
 
-def remove_releases(layout: Layout, releases: Iterable[str]) -> str:
+def remove_releases(layout: Layout, releases: Iterable[str], background: bool = False) -> str:
+    """Delete releases (and their manifests, which go with them and only with them).
+
+    `background`: rename each into .switchover/trash/ (one rename, so it leaves releases/ at
+    once) and delete the trash in a detached process: a deploy does not wait for thousands
+    of unlinks per host. Its stdio goes to /dev/null so the session can close.
+    """
     d = layout
-    # A release's manifest goes with it, and only with it.
-    return _lines(*(f"rm -rf {q(d.release(r))} {q(d.manifest(r))}" for r in releases))
+    if not background:
+        return _lines(*(f"rm -rf {q(d.release(r))} {q(d.manifest(r))}" for r in releases))
+    moves = [
+        f"if [ -e {q(d.release(r))} ]; then mv {q(d.release(r))} {q(d.trash)}/{q(r)}.$$; fi;"
+        f" rm -f {q(d.manifest(r))}"
+        for r in releases
+    ]
+    return _lines(f"mkdir -p {q(d.trash)}", *moves, _empty_trash(layout))
+
+
+def _empty_trash(layout: Layout) -> str:
+    t = q(layout.trash)
+    return (f"if [ -d {t} ] && [ -n \"$(ls -A {t})\" ]; then"
+            f" (cd / && nohup rm -rf {t}/* </dev/null >/dev/null 2>&1 &); fi")
 
 
 def check_prerequisites(layout: Layout, need_rsync: bool) -> str:

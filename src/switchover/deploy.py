@@ -351,10 +351,9 @@ class Deployer:
         run.pruned = select_prune(states, self.env.keep_releases, protect=[self.release])
         entries = [done]
         if run.pruned:
-            run.ops.remove_releases(run.pruned)
             entries.append(self._entry("cleanup", run, message="removed " + " ".join(run.pruned),
                                        removed=run.pruned))
-        run.ops.record(entries)
+        run.ops.prune_and_record(run.pruned, entries)
 
     def _unlock_all(self) -> None:
         held = [r for r in self.runs if r.locked]

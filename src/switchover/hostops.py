@@ -352,6 +352,14 @@ class HostOps:
         if ids:
             self._must(self.run(C.remove_releases(self.layout, ids)), "removing releases")
 
+    def prune_and_record(self, releases: Iterable[str],
+                         entries: Iterable[Mapping[str, Any]]) -> None:
+        """After a good deploy, in one round trip: move pruned releases out of releases/
+        (deleted in the background) and append the history entries."""
+        script = C.remove_releases(self.layout, list(releases), background=True)
+        script += C.append_history(self.layout, self._clean(entries))
+        self._must(self.run(script), "recording the deploy")
+
     def remove_staging(self, release: str) -> None:
         self.run(f"rm -rf {C.q(self.layout.staging(release))}", timeout=60)
 

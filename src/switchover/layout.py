@@ -68,6 +68,11 @@ class Layout:
         return self._join(".switchover", "run")
 
     @property
+    def trash(self) -> str:
+        # Pruned releases are renamed here (instant) and deleted in the background.
+        return self._join(".switchover", "trash")
+
+    @property
     def manifests(self) -> str:
         # Outside the release on purpose: never mistaken for (or served as) an app file.
         return self._join(".switchover", "manifests")
