@@ -13,7 +13,6 @@ from switchover.errors import (
     DeployFailed,
     ExitCode,
     HostError,
-    LockedError,
     RollbackFailed,
     SwitchoverError,
     UsageError,
@@ -242,15 +241,16 @@ def rollback(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, out: R
         plans[h.name] = plan(h, st)
 
     outcomes = _locked(env, hosts, ctx, "rollback", do, check)
-    return _result(hosts, outcomes, "rollback", lambda v: v)
+    return _result(hosts, outcomes, "rollback")
 
 
-def _result(hosts: Sequence[HostOps], outcomes: Sequence[Outcome[Any]], command: str,
-            row: Callable[[Any], dict[str, Any]]) -> CommandResult:
+def _result(hosts: Sequence[HostOps], outcomes: Sequence[Outcome[dict[str, Any]]],
+            command: str) -> CommandResult:
+    """One row per host: its own fields when it worked, its error when not."""
     rows = []
     for h, o in zip(hosts, outcomes, strict=True):
         if o.ok:
-            rows.append({"host": h.name, "status": "ok", **row(o.value)})
+            rows.append({"host": h.name, "status": "ok", **(o.value or {})})
         else:
             rows.append({"host": h.name, "status": "failed", "error": _error_text(o.error)})
     code = _worst([o.error for o in outcomes])
@@ -274,7 +274,7 @@ def cleanup(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, out: Re
                                                                 if prune else ""))
         return {"removed": prune, "kept": [r for r in st.releases if r not in prune]}
 
-    return _result(hosts, _locked(env, hosts, ctx, "cleanup", do), "cleanup", lambda v: v)
+    return _result(hosts, _locked(env, hosts, ctx, "cleanup", do), "cleanup")
 
 
 def unlock(env: Environment, hosts: Sequence[HostOps], ctx: RunContext,
@@ -290,7 +290,7 @@ def unlock(env: Environment, hosts: Sequence[HostOps], ctx: RunContext,
         out.step(h.name, f"removed lock held by {who}")
         return {"was_locked": True, "owner": owner}
 
-    return _result(hosts, _on_hosts(hosts, env, do), "unlock", lambda v: v)
+    return _result(hosts, _on_hosts(hosts, env, do), "unlock")
 
 
 def setup(env: Environment, hosts: Sequence[HostOps], out: Reporter) -> CommandResult:
@@ -302,8 +302,8 @@ def setup(env: Environment, hosts: Sequence[HostOps], out: Reporter) -> CommandR
         out.good(h.name, f"ready: {h.layout.deploy_to} ({free})")
         return {"deploy_to": h.layout.deploy_to, "free_kb": free_kb}
 
-    return _result(hosts, _on_hosts(hosts, env, do), "setup", lambda v: v)
+    return _result(hosts, _on_hosts(hosts, env, do), "setup")
 
 
-__all__ = ["CommandResult", "LockedError", "cleanup", "history", "releases", "rollback",
-           "setup", "status", "unlock"]
+__all__ = ["CommandResult", "cleanup", "history", "releases", "rollback", "setup", "status",
+           "unlock"]
