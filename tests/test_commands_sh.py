@@ -197,3 +197,16 @@ def test_background_prune_leaves_releases_at_once_and_empties_trash(tmp_path):
         time.sleep(0.05)
     assert not any(trash.iterdir())
     assert len(os.listdir(lay.release("20260102_000000"))) == 201
+
+
+def test_a_shared_link_that_cannot_be_made_fails_the_script(tmp_path):
+    """`storage` ships as a file, so shared dir `storage/logs` cannot be linked: under `set -e`
+    a failed && list is not fatal, so without an explicit exit the next item hid it."""
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    rel = Path(lay.release("20260101_000000"))
+    rel.mkdir(parents=True)
+    (rel / "storage").write_text("a file, not a dir")
+    r = sh("set -e\n" + C.link_shared(lay, "20260101_000000", [], ["storage/logs", "cache"]))
+    assert r.returncode != 0
+    assert "storage/logs" in r.stderr

@@ -38,3 +38,28 @@ def test_large_stdin_reaches_a_slow_reader_whole():
                      input=data)
     assert cp.returncode == 0
     assert cp.stdout.strip() == str(len(data))
+
+
+def test_excludes_match_what_rsync_excludes(tmp_path):
+    """The manifest must list exactly what rsync uploads, or verify reports phantom drift."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from switchover import manifest
+
+    if not shutil.which("rsync"):
+        pytest.skip("rsync not installed")
+    src = tmp_path / "src"
+    for rel in ("logs/a.log", "app/logs/b.log", "app/logs/keep.txt", "other/c.txt",
+                "x/other/d.txt", "top.log", "deep/er/top.log", "cache/f"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    patterns = ["logs/*.log", "/other", "cache/", "*.tmp"]
+    dest = tmp_path / "dest"
+    subprocess.run(["rsync", "-a", *(f"--exclude={p}" for p in patterns), f"{src}/", f"{dest}/"],
+                   check=True)
+    uploaded = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert set(manifest.scan(src, patterns)) == uploaded
+    assert "app/logs/keep.txt" in uploaded and "x/other/d.txt" in uploaded

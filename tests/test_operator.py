@@ -504,3 +504,25 @@ def test_init_asks_on_a_terminal(tmp_path: Path):
     assert cfg.app == "shop" and cfg.artifact.path == "out"
     assert [h.name for h in env_.hosts] == ["deploy@web1", "web2:2222"]
     assert env_.deploy_to == "/srv/shop"
+
+
+def test_dry_run_agrees_with_deploy_about_a_stale_lock(project):
+    """A lock whose owner (elsewhere) went silent past lock_timeout is taken over by
+    deploy, so the dry run must not report it as blocking."""
+    import time as _time
+
+    project.ok("deploy", "test")
+    live = project.current()
+    for host in project.target.hosts:
+        lock = project.root(host) / ".switchover" / "lock"
+        lock.mkdir()
+        (lock / "owner.json").write_text(json.dumps(
+            {"user": "alice", "origin": "gone-laptop", "pid": 4242,
+             "time": "2026-01-01T00:00:00Z", "deploy_id": "feedface"}) + "\n")
+        (lock / "heartbeat").write_text(f"{int(_time.time()) - 3600}\n")
+    plan = project.json("deploy", "test", "--dry-run")
+    assert all(project.locked(h) for h in project.target.hosts)  # the dry run took nothing
+    assert project.current() == live
+    assert plan  # one document, and exit 0 (project.json checks the code)
+    project.ok("deploy", "test")  # and the real deploy takes the stale lock over
+    assert not any(project.locked(h) for h in project.target.hosts)

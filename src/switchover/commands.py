@@ -160,7 +160,7 @@ def release_lock(layout: Layout, deploy_id: str) -> str:
     """Remove the lock only if it is ours (matched by deploy id)."""
     d = layout
     return _lines(
-        f"if [ -d {q(d.lock)} ] && grep -q {q(deploy_id)} {q(d.lock_owner)} 2>/dev/null; then",
+        f"if [ -d {q(d.lock)} ] && {_owner_is(layout, deploy_id)}; then",
         f"  rm -rf {q(d.lock)} {q(d.run_dir + '/' + deploy_id)}-*",
         "fi",
     )
@@ -224,7 +224,10 @@ def _replace_with_link(src: str, dst: str) -> str:
     # trailing newlines, and a name may end in one.
     parent = posixpath.dirname(dst)
     target = posixpath.relpath(src, parent)
-    return f"mkdir -p {q(parent)} && rm -rf {q(dst)} && ln -s {q(target)} {q(dst)}"
+    # `|| exit`: under `set -e` a failure inside an && list is not fatal, and a release
+    # must never go live with its own copy where the shared item belongs.
+    return (f"{{ mkdir -p {q(parent)} && rm -rf {q(dst)} && ln -s {q(target)} {q(dst)}; }} ||"
+            f" {{ echo 'cannot link shared item '{q(dst)} >&2; exit 1; }}")
 
 
 def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[str],

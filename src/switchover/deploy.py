@@ -456,12 +456,7 @@ class Deployer:
 
         # Never reuse an id a killed deploy used in the same second: its orphaned rsync may
         # still be writing to that staging path, and its history lines name that id.
-        self.release = new_release_id({
-            rel
-            for r in runs if r.state
-            for rel in (*r.state.releases, *r.state.staging,
-                        *(str(e.get("release")) for e in r.state.history))
-        })
+        self.release = new_release_id({i for r in runs if r.state for i in r.state.used_ids()})
         # 2. stage
         self._each(runs, self._stage)
         if self.cancel.is_set() or self._failed():
@@ -511,8 +506,11 @@ class Deployer:
         self.cancel.clear()  # the rollback itself must run to the end
         # Hosts of later batches never switched: drop their staged release.
         waiting = [r for r in self.runs if r.begun and r not in targets]
-        fan_out(waiting, lambda r: self._abort_staged(r, f"not switched: {reason}"),
-                self.env.parallel)
+        dropped = fan_out(waiting, lambda r: self._abort_staged(r, f"not switched: {reason}"),
+                          self.env.parallel)
+        for r, o in zip(waiting, dropped, strict=True):
+            if not o.ok:
+                self.out.warn(f"{r.name}: could not remove the staged release: {o.error}")
         outcomes = fan_out(targets, lambda r: self._rollback(r, reason), self.env.parallel)
         broken = []
         for r, o in zip(targets, outcomes, strict=True):

@@ -67,6 +67,21 @@ class HostState:
             return name
         return None
 
+    def live_lock(self, lock_timeout: float) -> dict[str, Any] | None:
+        """The lock, if a deploy may still hold it; None if free or its owner is provably
+        gone (a deploy would take it over)."""
+        if self.lock is None:
+            return None
+        if locks.stale_reason(self.lock, self.lock_heartbeat_age, lock_timeout) is not None:
+            return None
+        return self.lock
+
+    def used_ids(self) -> set[str]:
+        """Every release id this host has seen: on disk, in staging, in the history. A new
+        id must differ from all of them (a killed deploy's rsync may still be writing)."""
+        return {*self.releases, *self.staging,
+                *(str(e.get("release")) for e in self.history)}
+
     def states(self) -> ReleaseStates:
         return analyze(self.history, self.releases, self.current)
 

@@ -74,7 +74,8 @@ def status(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
             continue
         states = st.states()
         # A lock whose owner is provably gone is not a deploy in progress.
-        stale = None if st.lock is None else locks.stale_reason(
+        live_lock = st.live_lock(env.lock_timeout)
+        stale = None if st.lock is None or live_lock is not None else locks.stale_reason(
             st.lock, st.lock_heartbeat_age, env.lock_timeout)
         rows.append({
             "host": h.name,
@@ -149,9 +150,7 @@ def history(env: Environment, hosts: Sequence[HostOps], limit: int | None) -> Co
             st = o.value
             own = [dict(e, host=e.get("host") or h.name) for e in st.history]
             # A stale lock (its owner provably gone) is not a deploy still running.
-            stale = st.lock is not None and locks.stale_reason(
-                st.lock, st.lock_heartbeat_age, env.lock_timeout) is not None
-            mark_interrupted(own, None if stale else st.lock)
+            mark_interrupted(own, st.live_lock(env.lock_timeout))
             entries.extend(own)
     # Stable sort: equal timestamps keep each host's own append order.
     entries.sort(key=lambda e: str(e.get("time", "")))

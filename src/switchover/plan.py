@@ -89,8 +89,9 @@ def _artifact_doc(artifact: Artifact) -> dict[str, Any]:
 def _blocker(view: HostView) -> tuple[str, int] | None:
     """Why the deploy would stop at this host before changing anything, if it would."""
     st, layout = view.state, view.ops.layout
-    if st.lock is not None:
-        return f"locked by {describe_owner(st.lock)}", int(LockedError.code)
+    held = st.live_lock(view.ops.locking.timeout)
+    if held is not None:  # a stale lock would be taken over, as `deploy` does
+        return f"locked by {describe_owner(held)}", int(LockedError.code)
     if st.current_kind == "dir":
         return f"{layout.current} is a real directory, not a symlink", int(HostError.code)
     if st.current_kind == "other":
@@ -103,7 +104,7 @@ def deploy_plan(env: Environment, views: Sequence[HostView | SwitchoverError],
                 build: str | None) -> dict[str, Any]:
     """The plan as one JSON-able document (see `render_plan` for the text form)."""
     release = new_release_id(
-        {r for v in views if isinstance(v, HostView) for r in v.state.releases})
+        {r for v in views if isinstance(v, HostView) for r in v.state.used_ids()})
     command_checks = [*env.health.commands, *checks]
     url_checks = [*env.health.urls, *urls]
     rows: list[dict[str, Any]] = []

@@ -102,11 +102,20 @@ class LocalTransport:
 
 
 def excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
-    """rsync-like: a pattern without '/' matches a name at any depth, else the whole path."""
+    """rsync's --exclude matching, so the manifest lists exactly what rsync uploads.
+
+    A pattern without '/' matches a name at any depth; one starting with '/' matches the
+    path from the tree's root; any other pattern with a '/' matches the end of the path
+    (`logs/*.log` excludes `app/logs/x.log` too).
+    """
+    parts = rel.split("/")
     for pattern in patterns:
         p = pattern.rstrip("/")
-        if "/" in p:
-            if fnmatch.fnmatchcase(rel, p.lstrip("/")):
+        if p.startswith("/"):
+            if fnmatch.fnmatchcase(rel, p[1:]):
+                return True
+        elif "/" in p:
+            if any(fnmatch.fnmatchcase("/".join(parts[i:]), p) for i in range(len(parts))):
                 return True
         elif fnmatch.fnmatchcase(name, p):
             return True
