@@ -141,8 +141,8 @@ def run_command(command: str, fn: Callable[[Ctx], int]) -> Callable[..., None]:
                 if interrupts.count > 1:
                     _fail(obj, command, "aborted: the steps in flight were killed; every host "
                           "is on a complete release, but not necessarily the same one: check "
-                          "with `switchover status`", 130)
-                _fail(obj, command, "interrupted", 130)
+                          "with `switchover status`", int(ExitCode.INTERRUPTED))
+                _fail(obj, command, "interrupted", int(ExitCode.INTERRUPTED))
             sys.exit(code)
         finally:
             if obj.out is not None:

@@ -25,7 +25,6 @@ RC_RELEASE_EXISTS = 72
 RC_NOT_WRITABLE = 73
 RC_SHARED_MISSING = 74
 RC_NO_RSYNC = 75
-RC_NOT_OURS = 76
 RC_BUSY = 77  # a dead deploy's detached switch step is still running on the host
 RC_PENDING = 78  # the detached switch step has not finished yet: wait again
 RC_NOT_STARTED = 79  # the detached switch step never started (we claimed its slot)
@@ -343,7 +342,7 @@ def check_prerequisites(layout: Layout, need_rsync: bool) -> str:
             "command -v rsync >/dev/null 2>&1 || { echo 'rsync is not installed on the host'"
             f" >&2; exit {RC_NO_RSYNC}; }}"
         )
-    out.append(f"df -Pk {q(layout.deploy_to)} | tail -n 1")
+    out.append(disk_free(layout))
     return _lines(*out)
 
 
@@ -602,3 +601,11 @@ def live_listing(layout: Layout, python: bool = True) -> str:
 def disk_free(layout: Layout) -> str:
     """POSIX df of the filesystem holding deploy_to: one line, sizes in kB."""
     return f"df -Pk {q(layout.deploy_to)} 2>/dev/null | tail -n 1\n"
+
+
+def parse_disk_free(line: str) -> tuple[int, int] | None:
+    """(total, free) in kB from the last line `disk_free` prints, if it is readable."""
+    fields = line.split()
+    if len(fields) >= 4 and fields[1].isdigit() and fields[3].isdigit():
+        return int(fields[1]), int(fields[3])
+    return None

@@ -36,11 +36,9 @@ from switchover.output import Reporter, human_size
 from switchover.releases import analyze, new_release_id, select_prune
 from switchover.secrets import SECRETS_FILE, Secrets
 from switchover.secrets import upload as upload_secrets
-from switchover.session import hook_environment
+from switchover.session import hook_environment, run_hooks
 from switchover.strategy import plan_batches
 from switchover.transport import SyncStats
-
-EXIT_INTERRUPTED = 130
 
 
 class HookFailed(DeployFailed):
@@ -173,15 +171,12 @@ class Deployer:
                                 run.ops.layout.release(release), run.previous)
 
     def _run_hooks(self, run: HostRun, stage: str, hooks: Sequence[str], release: str) -> None:
-        for hook in hooks:
-            self._check_cancel()
-            with self.out.activity(run.name, f"{stage}: {hook}"):
-                r = run.ops.run_in_release(release, hook, self._env_for(run, release),
-                                           timeout=self.env.timeout)
-            self.out.detail(run.name, r.stdout)
-            if not r.ok:
-                raise HookFailed(f"{stage} hook failed (exit {r.rc}): {hook}: {r.message}",
-                                 host=run.name)
+        failed = run_hooks(run.ops, self.out, stage, hooks, release,
+                           self._env_for(run, release), self.env.timeout, self._check_cancel)
+        if failed is not None:
+            hook, r = failed
+            raise HookFailed(f"{stage} hook failed (exit {r.rc}): {hook}: {r.message}",
+                             host=run.name)
 
     # -- phases --------------------------------------------------------------------------
 
@@ -401,7 +396,7 @@ class Deployer:
                 return self._roll_back_fleet(self._failed())
             if any(r.begun for r in self.runs):
                 return self._abort_stage()
-            return self._report("interrupted", EXIT_INTERRUPTED,
+            return self._report("interrupted", ExitCode.INTERRUPTED,
                                 "interrupted before upload: nothing was changed")
 
     def _abort_stage(self) -> DeployReport:
@@ -424,7 +419,7 @@ class Deployer:
                 self.out.bad(r.name, r.error.message)
             r.status = "failed" if r.error else "unchanged"
         if interrupted:
-            return self._report("interrupted", EXIT_INTERRUPTED,
+            return self._report("interrupted", ExitCode.INTERRUPTED,
                                 "interrupted before the switch: current unchanged")
         hook = any(isinstance(r.error, HookFailed) for r in runs)
         code = ExitCode.DEPLOY_FAILED if hook else ExitCode.UNREACHABLE
@@ -444,7 +439,7 @@ class Deployer:
             for r in runs:
                 r.status = "failed" if r.error else "unchanged"
             if self.cancel.is_set():
-                return self._report("interrupted", EXIT_INTERRUPTED,
+                return self._report("interrupted", ExitCode.INTERRUPTED,
                                     "interrupted before upload: nothing was changed")
             failed = self._failed()
             for r in failed:
@@ -529,6 +524,6 @@ class Deployer:
             return self._report("rollback_failed", ExitCode.ROLLBACK_FAILED,
                                 f"rollback failed on {names}: {reason}")
         what = "rolled back" if any(r.previous for r in targets) else "nothing to roll back to"
-        code = EXIT_INTERRUPTED if interrupted else ExitCode.DEPLOY_FAILED
+        code = ExitCode.INTERRUPTED if interrupted else ExitCode.DEPLOY_FAILED
         return self._report("rolled_back" if what == "rolled back" else "failed", code,
                             f"{reason}: {what}")

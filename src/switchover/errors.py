@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     UNREACHABLE = 3  # host unreachable or transfer failed before the switch
     LOCKED = 4  # another deploy holds the lock
     ROLLBACK_FAILED = 5  # a host needs attention
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM (the shell's convention for SIGINT)
 
 
 # "\b" tells click to print the paragraph as it is instead of rewrapping it.
@@ -91,4 +92,4 @@ class RollbackFailed(SwitchoverError):
 class Interrupted(SwitchoverError):
     """Ctrl-C or SIGTERM: the message says what state the hosts were left in."""
 
-    code = 130  # type: ignore[assignment]  # the shell convention for SIGINT
+    code = ExitCode.INTERRUPTED

@@ -29,6 +29,7 @@ from switchover.errors import (
 from switchover.faults import pause, pausing
 from switchover.hosts import HostSpec
 from switchover.layout import Layout
+from switchover.output import human_size
 from switchover.releases import ReleaseStates, analyze, is_release_id, utc_now_iso
 from switchover.secrets import redact_doc
 from switchover.transport import Result, SyncStats, Transport
@@ -316,12 +317,13 @@ class HostOps:
         self.remove_staging(release)
         free = ""
         with contextlib.suppress(SwitchoverError):
-            fields = self.run(C.disk_free(self.layout), timeout=30).stdout.split()
-            if len(fields) >= 4 and fields[1].isdigit() and fields[3].isdigit():
-                free = (f"; {_kb(int(fields[3]))} free of {_kb(int(fields[1]))} on the "
-                        f"filesystem holding {self.layout.deploy_to} (df)")
+            df = C.parse_disk_free(self.run(C.disk_free(self.layout), timeout=30).stdout)
+            if df is not None:
+                total_kb, free_kb = df
+                free = (f"; {human_size(free_kb * 1024)} free of {human_size(total_kb * 1024)}"
+                        f" on the filesystem holding {self.layout.deploy_to} (df)")
         need = sum(f.get("size", 0) for f in self._manifests.get(release, {}).values())
-        return DiskFull(f"{error.message}{free}; the release is {_kb(need // 1024)}",
+        return DiskFull(f"{error.message}{free}; the release is {human_size(need)}",
                         hint="free space on the host (or lower keep_releases), then deploy "
                              "again: the live release was not touched", host=self.name)
 
@@ -490,15 +492,6 @@ def _first_int(lines: Sequence[str]) -> int | None:
         if line.lstrip("-").isdigit():
             return int(line)
     return None
-
-
-def _kb(kb: int) -> str:
-    value = float(kb) * 1024
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{kb} kB"
 
 
 @dataclass

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from switchover import commands as C
 from switchover import locks
 from switchover.config import Environment
 from switchover.context import RunContext
@@ -21,7 +22,7 @@ from switchover.fanout import Outcome, fan_out
 from switchover.hostops import HostOps, HostState, describe_owner
 from switchover.output import Reporter
 from switchover.releases import is_release_id, select_prune
-from switchover.session import hook_environment
+from switchover.session import hook_environment, run_hooks
 
 T = TypeVar("T")
 
@@ -227,13 +228,12 @@ def rollback(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, out: R
             raise RollbackFailed(e.message, host=h.name) from None
         out.step(h.name, f"rolled back: current -> {target} (was {live})")
         env_vars = hook_environment(env, h.name, target, h.layout.release(target), live)
-        for hook in env.hooks.after_rollback:
-            out.step(h.name, f"after_rollback: {hook}")
-            r = h.run_in_release(target, hook, env_vars, timeout=env.timeout)
-            out.detail(h.name, r.stdout)
-            if not r.ok:
-                raise RollbackFailed(f"switched to {target}, but after_rollback hook failed "
-                                     f"(exit {r.rc}): {hook}: {r.message}", host=h.name)
+        failed = run_hooks(h, out, "after_rollback", env.hooks.after_rollback, target,
+                           env_vars, env.timeout)
+        if failed is not None:
+            hook, r = failed
+            raise RollbackFailed(f"switched to {target}, but after_rollback hook failed "
+                                 f"(exit {r.rc}): {hook}: {r.message}", host=h.name)
         return {"host": h.name, "release": target, "previous": live}
 
     def check(h: HostOps, st: HostState) -> None:
@@ -294,9 +294,8 @@ def unlock(env: Environment, hosts: Sequence[HostOps], ctx: RunContext,
 
 def setup(env: Environment, hosts: Sequence[HostOps], out: Reporter) -> CommandResult:
     def do(h: HostOps) -> dict[str, Any]:
-        df = h.check_prerequisites(need_rsync=not env.is_local)
-        fields = df.split()
-        free_kb = int(fields[3]) if len(fields) >= 4 and fields[3].isdigit() else None
+        df = C.parse_disk_free(h.check_prerequisites(need_rsync=not env.is_local))
+        free_kb = df[1] if df is not None else None
         free = f"{free_kb / 1024 / 1024:.1f} GiB free" if free_kb is not None else "free: ?"
         out.good(h.name, f"ready: {h.layout.deploy_to} ({free})")
         return {"deploy_to": h.layout.deploy_to, "free_kb": free_kb}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
 from switchover.config import Environment
 from switchover.hostops import HostOps
 from switchover.hosts import LOCAL
 from switchover.layout import Layout
 from switchover.locks import LockPolicy
+from switchover.output import Reporter
 from switchover.secrets import redactor_for
-from switchover.transport import LocalTransport, SshOptions, SshTransport
+from switchover.transport import LocalTransport, Result, SshOptions, SshTransport
 
 
 def open_hosts(env: Environment) -> list[HostOps]:
@@ -39,3 +42,19 @@ def hook_environment(env: Environment, host: str, release: str, release_path: st
         "SWITCHOVER_RELEASE_PATH": release_path,
         "SWITCHOVER_PREVIOUS_RELEASE": previous or "",
     }
+
+
+def run_hooks(ops: HostOps, out: Reporter, stage: str, hooks: Sequence[str], release: str,
+              env_vars: Mapping[str, str], timeout: float,
+              before_each: Callable[[], None] | None = None) -> tuple[str, Result] | None:
+    """Run hooks in order in the release dir; stop at the first that fails and return it
+    with its result (the caller decides what a failure means at its stage)."""
+    for hook in hooks:
+        if before_each is not None:
+            before_each()
+        with out.activity(ops.name, f"{stage}: {hook}"):
+            r = ops.run_in_release(release, hook, env_vars, timeout=timeout)
+        out.detail(ops.name, r.stdout)
+        if not r.ok:
+            return hook, r
+    return None
