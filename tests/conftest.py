@@ -137,3 +137,12 @@ def _run_logs_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ.pop("SWITCHOVER_LOG_DIR", None)
     else:
         os.environ["SWITCHOVER_LOG_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own empty local cache (see cache.py): no test warms another's."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SWITCHOVER_CACHE_DIR", str(path))
+    return path
