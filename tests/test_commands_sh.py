@@ -210,3 +210,63 @@ def test_a_shared_link_that_cannot_be_made_fails_the_script(tmp_path):
     r = sh("set -e\n" + C.link_shared(lay, "20260101_000000", [], ["storage/logs", "cache"]))
     assert r.returncode != 0
     assert "storage/logs" in r.stderr
+
+
+def _acquire_and_begin(lay: Layout, release: str, deploy_id: str = "d1"):
+    entry = {"event": "deploy_started", "release": release, "previous": None,
+             "message": "it's \"quoted\"\n$(x)", "deploy_id": deploy_id}
+    r = sh(C.acquire(lay, {"deploy_id": deploy_id}, C.begin_if_fresh(lay, release, entry)))
+    assert r.returncode == 0, r.stderr
+    return parse_state(r.stdout)
+
+
+def test_lock_round_trip_begins_a_fresh_release_with_previous_filled_in(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260101_000000")
+    assert sh(C.switch(lay, "20260101_000000", [])).returncode == 0
+    state = _acquire_and_begin(lay, "20260102_000000")
+    assert state.begun and state.current == "20260101_000000"
+    assert state.staging == []  # the listing is taken before the begin
+    assert Path(lay.staging("20260102_000000")).is_dir()
+    (line,) = Path(lay.history).read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["previous"] == "20260101_000000" and entry["release"] == "20260102_000000"
+    assert entry["message"] == "it's \"quoted\"\n$(x)"
+
+
+def test_lock_round_trip_records_no_previous_without_a_live_release(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    os.symlink("/elsewhere/20260101_000000", lay.current)  # not a link into releases/
+    state = _acquire_and_begin(lay, "20260102_000000")
+    assert state.begun
+    assert json.loads(Path(lay.history).read_text())["previous"] is None
+
+
+def test_lock_round_trip_does_not_begin_an_id_in_use_or_older_than_one(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260105_000000_02")
+    for release in ("20260105_000000_02", "20260101_000000"):  # taken; older than one
+        state = _acquire_and_begin(lay, release)
+        assert not state.begun
+        assert not Path(lay.history).exists()
+        assert not Path(lay.staging(release)).exists()
+        sh(C.release_lock(lay, "d1"))
+    # named by a history line only (a dead deploy's release, long removed)
+    Path(lay.history).write_text('{"event":"deploy_started","release":"20260107_000000"}\n')
+    assert not _acquire_and_begin(lay, "20260107_000000").begun
+    sh(C.release_lock(lay, "d1"))
+    assert _acquire_and_begin(lay, "20260108_000000").begun
+
+
+def test_state_lists_names_with_globs_like_ls(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    assert state.releases == [] and state.staging == []  # empty dirs: no literal "*"
+    make_release(lay, "20260101_000000")
+    Path(lay.staging("odd name")).mkdir(parents=True)
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    assert state.releases == ["20260101_000000"] and state.staging == ["odd name"]

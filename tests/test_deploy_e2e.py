@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from faults.kit import check_invariants
 from project import Project
 
 
@@ -55,6 +58,60 @@ def test_second_deploy_switches_and_hard_links_unchanged_files(project: Project)
         assert project.history(host)[-1]["previous"] == first
     hosts = {h["host"]: h for h in data["hosts"]}
     assert all(h["files_transferred"] == 1 for h in hosts.values())
+
+
+def test_redeploy_uses_quick_check_only_against_a_known_live_manifest(project: Project,
+                                                                    _cache_in_tmp: Path):
+    """rsync's quick check is trusted only with our copy of the live release's manifest,
+    and the file it would miss (same size, same mtime, new content) is sent again."""
+    project.ok("deploy", "test")
+    index = project.app / "index.html"
+    stamp = index.stat().st_mtime
+    index.write_text("v2\n")
+    os.utime(index, (stamp, stamp))
+    r = project.ok("-vv", "deploy", "test")
+    assert "(quick check;" in r.stderr, r.stderr
+    assert "sync again, ignoring size and mtime: 1 file(s)" in r.stderr, r.stderr
+    for host in project.target.hosts:
+        assert project.live_file("index.html", host) == "v2\n"
+
+    # Without our copy of the live manifest (another machine deployed it, or the cache is
+    # gone) the upload falls back to --checksum, and is just as right.
+    shutil.rmtree(_cache_in_tmp / "manifests")
+    index.write_text("v3\n")
+    os.utime(index, (stamp, stamp))
+    r = project.ok("-vv", "deploy", "test")
+    assert "(--checksum;" in r.stderr and "sync again" not in r.stderr, r.stderr
+    for host in project.target.hosts:
+        assert project.live_file("index.html", host) == "v3\n"
+    check_invariants(project)
+
+
+def test_release_id_taken_on_one_host_moves_the_whole_fleet_to_a_new_one(project: Project):
+    """The id proposed with the lock is kept only if every host can take it."""
+    project.ok("deploy", "test")
+    hosts = project.target.hosts
+    ahead = "29990101_000000"  # a release from a deploy whose clock ran far ahead
+    (project.root(hosts[0]) / "releases" / ahead).mkdir()
+    (project.app / "index.html").write_text("v2\n")
+    data = project.json("deploy", "test")
+    assert data["status"] == "succeeded" and data["release"] == ahead + "_02"
+    for host in hosts:
+        assert project.current(host) == ahead + "_02"
+        assert project.live_file("index.html", host) == "v2\n"
+        assert not list((project.root(host) / ".switchover" / "staging").iterdir())
+        mine = [e for e in project.history(host) if e["deploy_id"] == data["deploy_id"]]
+        started = [e["release"] for e in mine if e["event"] == "deploy_started"]
+        assert started[-1] == ahead + "_02"
+        if len(started) > 1:  # this host began the proposed id: that start is closed
+            dropped = [e for e in mine if e["event"] == "deploy_failed"]
+            assert [e["release"] for e in dropped] == started[:1]
+            assert "not usable on every host" in dropped[0]["message"]
+    status = project.json("status", "test")
+    assert all(h["last_deploy"]["state"] == "succeeded" for h in status["hosts"])
+    if len(hosts) > 1:
+        assert any(len([e for e in project.history(h) if e["event"] == "deploy_started"
+                        and e["deploy_id"] == data["deploy_id"]]) == 2 for h in hosts[1:])
 
 
 def test_failing_check_rolls_back(project: Project):

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 from project import Project, ssh_target
+
+from switchover.hosts import HostSpec
+from switchover.transport.ssh import SshOptions, SshTransport, terminate_master
 
 
 @pytest.fixture
@@ -55,6 +61,50 @@ def test_one_ssh_connection_per_host_per_deploy(sshp: Project, ssh_fleet):
     after = ssh_fleet.connection_counts()
     for h in sshp.target.hosts:
         assert after[h] - before[h] == 1, (h, before[h], after[h])
+
+
+def _our_masters() -> set[int]:
+    """Pids of ssh masters using switchover's private control dirs (/tmp/swo-*)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0] == b"ssh" and any(a.startswith(b"ControlPath=/tmp/swo-") for a in argv):
+            pids.add(int(proc.name))
+    return pids
+
+
+def test_deploy_leaves_no_ssh_master_behind(sshp: Project, ssh_fleet):
+    before = _our_masters()
+    sshp.ok("deploy", "test")
+    (sshp.app / "index.html").write_text("v2\n")
+    sshp.ok("deploy", "test")
+    deadline = time.monotonic() + 5  # a master exits just after it is told to
+    while _our_masters() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _our_masters() - before
+
+
+def test_terminate_master_ends_it_and_falls_back_when_it_cannot(ssh_fleet, tmp_path):
+    host = ssh_fleet.hosts[0]
+    t = SshTransport(HostSpec(host.alias), SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    try:
+        (pid,) = {p for p in _our_masters()
+                  if t._control_dir.encode() in Path(f"/proc/{p}/cmdline").read_bytes()}
+        assert terminate_master(t._control_dir)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not Path(f"/proc/{pid}").exists()
+        assert not terminate_master(t._control_dir)  # nothing listens any more
+        assert not terminate_master(str(tmp_path / "missing"))
+    finally:
+        t.close()
 
 
 def test_unknown_host_key_is_refused_with_exit_3(sshp: Project, ssh_fleet, tmp_path):

@@ -57,22 +57,40 @@ def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]]) -> str:
     )
 
 
-def dump_state(layout: Layout, history_tail: int = 5000) -> str:
-    """Print the host's state in marked sections (see `parse_sections`)."""
+def _names(directory: str) -> str:
+    """Print the names in a directory, one per line (a glob: no `ls` process)."""
+    return (f'for f in {q(directory)}/*; do [ -e "$f" ] || [ -L "$f" ] || continue;'
+            ' printf \'%s\\n\' "${f##*/}"; done')
+
+
+def dump_state(layout: Layout, history_tail: int = 5000, lock: bool = True) -> str:
+    """Print the host's state in marked sections (see `parse_sections`).
+
+    `lock=False` leaves out the lock section: right after taking the lock we know its owner.
+    Every process counts here (a fleet deploy runs this on every host at once), so names
+    are listed with globs and the live link is read once.
+    """
     d = layout
     return _lines(
-        f"echo {q(SECTION + 'current')}",
-        f"if [ -L {q(d.current)} ]; then echo link; readlink {q(d.current)};"
+        f"echo {q(SECTION + 'current')}; t=",
+        f"if [ -L {q(d.current)} ]; then echo link; t=$(readlink {q(d.current)});"
+        ' printf \'%s\\n\' "$t";'
         f" elif [ -d {q(d.current)} ]; then echo dir;"
         f" elif [ -e {q(d.current)} ]; then echo other; else echo none; fi",
         f"echo {q(SECTION + 'releases')}",
-        f"if [ -d {q(d.releases)} ]; then ls -1 {q(d.releases)}; fi",
+        _names(d.releases),
         f"echo {q(SECTION + 'staging')}",
-        f"if [ -d {q(d.staging_root)} ]; then ls -1 {q(d.staging_root)}; fi",
-        f"echo {q(SECTION + 'lock')}",
-        f"if [ -d {q(d.lock)} ]; then echo held; cat {q(d.lock_owner)} 2>/dev/null; echo;",
-        f"echo {q(SECTION + 'heartbeat_age')}; hb=$(cat {q(d.heartbeat)} 2>/dev/null)",
-        'case "$hb" in \'\'|*[!0-9]*) ;; *) echo $(( $(date +%s) - hb ));; esac; fi',
+        _names(d.staging_root),
+        *((f"echo {q(SECTION + 'lock')}",
+           f"if [ -d {q(d.lock)} ]; then echo held; cat {q(d.lock_owner)} 2>/dev/null; echo;",
+           f"echo {q(SECTION + 'heartbeat_age')}; hb=$(cat {q(d.heartbeat)} 2>/dev/null)",
+           'case "$hb" in \'\'|*[!0-9]*) ;; *) echo $(( $(date +%s) - hb ));; esac; fi')
+          if lock else ()),
+        # The digest of the live release's manifest: if this machine still has that exact
+        # manifest cached (sentmanifests.py), the upload can skip rsync's --checksum.
+        f"echo {q(SECTION + 'live_manifest')}",
+        f"if [ -L {q(d.current)} ]; then t=${{t%/}}; m={q(d.manifests)}/\"${{t##*/}}\".json;"
+        ' if [ -f "$m" ]; then sha256sum < "$m" 2>/dev/null; fi; fi',
         f"echo {q(SECTION + 'history')}",
         # The trailing echo ends a torn last line so it cannot swallow the end marker.
         f"if [ -f {q(d.history)} ]; then tail -n {int(history_tail)} {q(d.history)}; echo; fi",
@@ -94,16 +112,21 @@ def parse_sections(output: str) -> dict[str, list[str]]:
 def make_layout(layout: Layout) -> str:
     d = layout
     dirs = " ".join(q(p) for p in (d.releases, d.shared, d.staging_root, d.switch_dir))
+    missing = " || ".join(f"[ ! -d {q(p)} ]" for p in (d.releases, d.shared, d.staging_root,
+                                                      d.switch_dir))
     return _lines(
+        f"if {missing}; then",
         f"mkdir -p {dirs} 2>/dev/null || {{ echo 'cannot create '{q(d.deploy_to)}"
         f"' (permission denied or read-only?)' >&2; exit {RC_NOT_WRITABLE}; }}",
+        "fi",
         f"[ -w {q(d.deploy_to)} ] && [ -w {q(d.releases)} ] || {{ echo {q(d.deploy_to)}"
         f"' is not writable' >&2; exit {RC_NOT_WRITABLE}; }}",
     )
 
 
-def acquire(layout: Layout, owner: Mapping[str, Any]) -> str:
-    """Create the layout, take the lock with mkdir (atomic), clear debris, dump state."""
+def acquire(layout: Layout, owner: Mapping[str, Any], then: str = "") -> str:
+    """Create the layout, take the lock with mkdir (atomic), clear debris, dump state,
+    then run `then` (see `begin_if_fresh`) with the lock held."""
     d = layout
     return _lines(
         "umask 022",
@@ -116,6 +139,7 @@ def acquire(layout: Layout, owner: Mapping[str, Any]) -> str:
         f"  exit {RC_LOCKED}",
         "fi",
         _after_lock(layout),
+        then,
     )
 
 
@@ -145,13 +169,16 @@ def _after_lock(layout: Layout) -> str:
         # Anything left in staging or the switch dir is debris of a dead deploy. A stale temp
         # link must go: `ln -s` onto it would create the link *inside* the old release and
         # publish the wrong version.
-        f"rm -rf {q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
-        f" {q(d.meta)}/lock.stale.*",
+        # (Tested with a glob first: no `rm` process when there is nothing to remove.)
+        f"for f in {q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
+        f" {q(d.meta)}/lock.stale.*; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then"
+        f" rm -rf {q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
+        f" {q(d.meta)}/lock.stale.*; break; fi; done",
         # Finished detached switch steps of earlier deploys (a running one is never touched).
         f"for r in {q(d.run_dir)}/*/; do if [ -f \"${{r}}status\" ]; then rm -rf \"$r\"; fi; done",
         # Pruned releases a host reboot interrupted the deletion of: finish it, off the path.
         _empty_trash(layout),
-        dump_state(layout),
+        dump_state(layout, lock=False),
     )
 
 
@@ -182,6 +209,46 @@ def begin(layout: Layout, release: str, entry: Mapping[str, Any]) -> str:
         append_history(layout, [entry]),
         f"rm -rf {q(d.staging(release))}",
         f"mkdir -p {q(d.staging(release))}",
+    )
+
+
+_ID = "[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]"
+_PREVIOUS = "@@switchover-previous@@"
+
+
+def begin_if_fresh(layout: Layout, release: str, entry: Mapping[str, Any]) -> str:
+    """`begin` in the lock's round trip, for an id chosen before the host state was known.
+
+    Runs after `dump_state` (it reuses `$t`, the live link's target) and begins only if
+    `release` is fresh here: no such release, no history line naming it, and newer than
+    every release on disk (ids sort in deploy order). Prints a `begun` section: yes or no.
+    The entry's `previous` is filled in from the live link, as `HostState.current` reads it.
+    """
+    d = layout
+    h = q(d.history)
+    line = history_line({**entry, "previous": _PREVIOUS})
+    head, tail = line.split(json.dumps(_PREVIOUS), 1)
+    named = history_line({"release": release})[1:-1]  # as every history line spells it
+    return _lines(
+        f"echo {q(SECTION + 'begun')}; fresh=yes",
+        f"[ -e {q(d.release(release))} ] && fresh=no",
+        f"for f in {q(d.releases)}/*; do b=${{f##*/}}; case \"$b\" in {_ID}|{_ID}_*)"
+        f" [ \"$b\" \\< {q(release)} ] || fresh=no;; esac; done",
+        f"if [ -f {h} ] && grep -qF {q(named)} {h}; then fresh=no; fi",
+        "if [ $fresh = yes ]; then",
+        "  p=null; b=${t##*/}",
+        '  case "${t%/*}" in releases|*/releases)',
+        f'    case "$b" in {_ID}) p="\\"$b\\"";;',
+        f'      {_ID}_[0-9][0-9]*) case "${{b#*_*_}}" in *[!0-9]*) ;; *) p="\\"$b\\"";; esac;;',
+        "    esac;;",
+        "  esac",
+        f"  if [ -s {h} ] && [ -n \"$(tail -c 1 {h})\" ]; then echo >> {h}; fi",
+        f"  printf '%s%s%s\\n' {q(head)} \"$p\" {q(tail)} >> {h}",
+        f"  mkdir -p {q(d.staging(release))}",
+        "  echo yes",
+        "else",
+        "  echo no",
+        "fi",
     )
 
 
@@ -272,8 +339,10 @@ def switch(layout: Layout, release: str | None, entries: Iterable[Mapping[str, A
         body = _lines(
             f"[ -d {q(d.release(release))} ] || {{ echo 'release '{q(release)}' is not on the host'"
             " >&2; exit 1; }",
-            f"mkdir -p {q(d.switch_dir)}",
-            f"rm -rf {q(tmp)}",
+            f"[ -d {q(d.switch_dir)} ] || mkdir -p {q(d.switch_dir)}",
+            # A stale temp link (see the module notes) goes first; tested, since `rm` is a
+            # process and this runs on every host of a fleet at once.
+            f"if [ -e {q(tmp)} ] || [ -L {q(tmp)} ]; then rm -rf {q(tmp)}; fi",
             f"ln -s {q('releases/' + release)} {q(tmp)}",
             f"mv {q(tmp)} {q(d.deploy_to + '/')}",
         )
@@ -319,6 +388,9 @@ def remove_releases(layout: Layout, releases: Iterable[str], background: bool = 
     of unlinks per host. Its stdio goes to /dev/null so the session can close.
     """
     d = layout
+    releases = list(releases)
+    if not releases:
+        return ""
     if not background:
         return _lines(*(f"rm -rf {q(d.release(r))} {q(d.manifest(r))}" for r in releases))
     moves = [
@@ -331,8 +403,9 @@ def remove_releases(layout: Layout, releases: Iterable[str], background: bool = 
 
 def _empty_trash(layout: Layout) -> str:
     t = q(layout.trash)
-    return (f"if [ -d {t} ] && [ -n \"$(ls -A {t})\" ]; then"
-            f" (cd / && nohup rm -rf {t}/* </dev/null >/dev/null 2>&1 &); fi")
+    # Trash entries are release ids (no dotfiles): a glob finds them without an `ls`.
+    return (f"for f in {t}/*; do if [ -e \"$f\" ]; then"
+            f" (cd / && nohup rm -rf {t}/* </dev/null >/dev/null 2>&1 &); break; fi; done")
 
 
 def check_prerequisites(layout: Layout, need_rsync: bool) -> str:
@@ -371,7 +444,7 @@ def heartbeat(layout: Layout, deploy_id: str) -> str:
 
 
 def take_over(layout: Layout, stale_id: str | None, owner: Mapping[str, Any],
-              entry: Mapping[str, Any]) -> str:
+              entry: Mapping[str, Any], then: str = "") -> str:
     """Replace a lock judged stale (its owner `stale_id` is gone) with ours, race-free.
 
     Contenders first claim the stale lock by `mkdir lock/takeover`: one wins. The winner
@@ -414,6 +487,7 @@ def take_over(layout: Layout, stale_id: str | None, owner: Mapping[str, Any],
         f"rm -rf {q(tomb)}",
         append_history(layout, [entry]),
         _after_lock(layout),
+        then,
     )
 
 
@@ -422,24 +496,34 @@ def _run_slot(layout: Layout, token: str) -> str:
 
 
 def _wait_for_step(slot: str, seconds: float) -> str:
-    """Wait (bounded) for a detached step's status file, then print its status and log."""
+    """Wait (bounded) for a detached step's status file, then print its status and log.
+
+    Most steps take milliseconds and every process counts on a busy fleet: the pid is read
+    once with the shell's `read`, and the clock (`date`, a process) every tenth round.
+    """
+    limit = max(0, round(seconds))
+    first = "[ $i -eq 1 ] || " if limit == 0 else ""  # no wait asked: report at once
     return _lines(
         f"D={q(slot)}",
-        f"end=$(( $(date +%s) + {max(0, round(seconds))} ))",
-        "n=0; i=0",
+        f"end=$(( $(date +%s) + {limit} ))",
+        "n=0; i=0; pid=",
         'while [ ! -f "$D/status" ]; do',
-        '  if [ ! -f "$D/pid" ]; then',
+        '  if [ -z "$pid" ] && [ -f "$D/pid" ]; then read -r pid < "$D/pid" || pid=; fi',
+        '  if [ -z "$pid" ]; then',
         "    n=$((n + 1))",
         "    if [ $n -gt 100 ]; then",
         f"      echo 'the switch step never started on the host' >&2; exit {RC_STEP_DIED}",
         "    fi",
-        '  elif ! kill -0 "$(cat "$D/pid")" 2>/dev/null; then',
+        '  elif ! kill -0 "$pid" 2>/dev/null; then',
         '    [ -f "$D/status" ] && break',
         f"    echo 'the switch step died on the host without a result' >&2; exit {RC_STEP_DIED}",
         "  fi",
-        f'  [ "$(date +%s)" -ge "$end" ] && exit {RC_PENDING}',
+        "  i=$((i + 1))",
+        f'  if {first}[ $((i % 10)) -eq 0 ] || [ $i -gt 50 ]; then',
+        f'    [ "$(date +%s)" -ge "$end" ] && exit {RC_PENDING}',
+        "  fi",
         # Poll fast at first (most steps take milliseconds), then gently.
-        "  i=$((i + 1)); if [ $i -le 50 ]; then t=0.01; else t=0.2; fi",
+        "  if [ $i -le 50 ]; then t=0.01; else t=0.2; fi",
         '  sleep "$t" 2>/dev/null || sleep 1',
         "done",
         f"echo {q(SECTION + 'status')}",
@@ -481,7 +565,7 @@ def switch_detached(layout: Layout, token: str, release: str,
         "st ok",
     )
     return _lines(
-        f"mkdir -p {q(layout.run_dir)} || exit 1",
+        f"[ -d {q(layout.run_dir)} ] || mkdir -p {q(layout.run_dir)} || exit 1",
         # The slot is claimed with mkdir: a reconnecting client that finds no slot claims it
         # itself (see wait_detached), so a launch delayed past that point never runs. Mode
         # 700: hook output in its log may hold secrets.

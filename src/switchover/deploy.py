@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from switchover import manifest as M
+from switchover import sentmanifests
 from switchover.artifact import Artifact
 from switchover.config import Environment
 from switchover.context import RunContext
@@ -33,7 +35,7 @@ from switchover.fanout import fan_out
 from switchover.health import CheckOutcome, expand_url, fetch_url, with_retries
 from switchover.hostops import HostOps, HostState
 from switchover.output import Reporter, human_size
-from switchover.releases import analyze, new_release_id, select_prune
+from switchover.releases import analyze, choose_release_id, new_release_id, select_prune
 from switchover.secrets import SECRETS_FILE, Secrets
 from switchover.secrets import upload as upload_secrets
 from switchover.session import hook_environment, run_hooks
@@ -50,7 +52,7 @@ class HostRun:
     ops: HostOps
     state: HostState | None = None
     locked: bool = False
-    begun: bool = False
+    begun_id: str | None = None  # the release this host recorded deploy_started for
     switched: bool = False
     previous: str | None = None  # the release that was live before this deploy
     status: str = "pending"
@@ -64,6 +66,10 @@ class HostRun:
     @property
     def name(self) -> str:
         return self.ops.name
+
+    @property
+    def begun(self) -> bool:
+        return self.begun_id is not None
 
     def fail(self, error: BaseException) -> None:
         self.error = error if isinstance(error, SwitchoverError) else SwitchoverError(
@@ -137,7 +143,11 @@ class Deployer:
         self.urls = [*env.health.urls, *urls]
         self.message = message
         self.release: str | None = None
+        self.candidate = new_release_id(())  # proposed to every host with the lock
         self.cancel = threading.Event()
+        self._memo_lock = threading.Lock()
+        self._live_manifests: dict[str, dict[str, dict[str, Any]] | None] = {}
+        self._manifest: bytes | None = None
         self.cleaning_up = False  # set once a rollback or cleanup has begun
         self.t0 = time.monotonic()
 
@@ -178,14 +188,46 @@ class Deployer:
             raise HookFailed(f"{stage} hook failed (exit {r.rc}): {hook}: {r.message}",
                              host=run.name)
 
+    def _live_files(self, digest: str | None) -> dict[str, dict[str, Any]] | None:
+        """The live release's manifest entries from our local copy (read once per digest:
+        a fleet on one release shares it)."""
+        if digest is None:
+            return None
+        with self._memo_lock:
+            if digest not in self._live_manifests:
+                self._live_manifests[digest] = sentmanifests.load(digest)
+            return self._live_manifests[digest]
+
+    def _manifest_bytes(self) -> bytes:
+        """The new release's manifest, built once for every host and kept locally so the
+        next deploy can trust rsync's quick check against it (sentmanifests.py)."""
+        assert self.release is not None
+        with self._memo_lock:
+            if self._manifest is None:
+                shared = self.env.shared
+                self._manifest = M.encode(M.build(self.release, self.artifact.entries,
+                                                  shared.files, shared.dirs))
+                sentmanifests.store(self._manifest)
+            return self._manifest
+
     # -- phases --------------------------------------------------------------------------
+
+    def _started(self, run: HostRun, release: str) -> dict[str, Any]:
+        return self._entry("deploy_started", run, release=release, message=self.message,
+                           artifact=self.artifact.source.name,
+                           artifact_sha256=self.artifact.sha256)
 
     def _prepare(self, run: HostRun) -> None:
         self._check_cancel()
         with self.out.activity(run.name, "connecting, taking the lock", announce=False):
             run.ops.connect()
-            run.state = run.ops.acquire(self.ctx.owner("deploy"))
+            # The release is begun in the lock's round trip under an id proposed before any
+            # host was seen; choose_release_id later keeps it unless some host rules it out.
+            run.state = run.ops.acquire(self.ctx.owner("deploy"),
+                                        begin=(self.candidate, self._started(run, self.candidate)))
         run.locked = True
+        if run.state.begun:
+            run.begun_id = self.candidate
         run.previous = run.state.current
         if run.state.current_kind == "dir":
             raise HostError(f"{run.ops.layout.current} is a real directory, not a symlink: "
@@ -198,11 +240,17 @@ class Deployer:
         assert self.release is not None and run.state is not None
         release, ops = self.release, run.ops
         self._check_cancel()
-        ops.begin(release, self._entry(
-            "deploy_started", run, message=self.message,
-            artifact=self.artifact.source.name, artifact_sha256=self.artifact.sha256,
-        ))
-        run.begun = True
+        if run.begun_id is not None and run.begun_id != release:
+            # Rare: the proposed id was taken (or newer ids exist) on some host. Close the
+            # start recorded under it here, then begin again under the id every host takes.
+            ops.abandon(run.begun_id, self._entry(
+                "deploy_failed", run, release=run.begun_id,
+                message=f"release id {run.begun_id} is not usable on every host: "
+                        f"this deploy continues as {release}"))
+            run.begun_id = None
+        if run.begun_id is None:
+            ops.begin(release, self._started(run, release))
+            run.begun_id = release
         link_dest = None
         if run.previous and run.previous in run.state.releases:
             link_dest = ops.layout.release(run.previous)
@@ -210,9 +258,11 @@ class Deployer:
         self.out.step(run.name, f"uploading {art.source.name} "
                                 f"({human_size(art.size)}, {art.files} files)...")
         self._check_cancel()
+        live = self._live_files(run.state.live_manifest_sha) if link_dest else None
         with self.out.transfer(run.name, self.artifact.files, self.artifact.size) as progress:
             run.stats = ops.upload(self.artifact.tree, release, link_dest,
-                                   self.env.artifact.exclude, progress, self.artifact.entries)
+                                   self.env.artifact.exclude, progress, self.artifact.entries,
+                                   live_files=live)
         sent = run.stats.files_transferred
         sent_bytes = human_size(run.stats.bytes_transferred)
         self.out.step(run.name, f"uploaded: {sent} file{'' if sent == 1 else 's'} changed "
@@ -224,7 +274,8 @@ class Deployer:
             upload_secrets(ops, self.secrets)
             self._check_cancel()
         with self.out.activity(run.name, "moving the release into place", announce=False):
-            ops.finalize(release, self.env.shared.files, self.env.shared.dirs)
+            ops.finalize(release, self.env.shared.files, self.env.shared.dirs,
+                         self._manifest_bytes())
         self._run_hooks(run, "before_switch", self.env.hooks.before_switch, release)
 
     def _switch(self, run: HostRun) -> None:
@@ -332,10 +383,11 @@ class Deployer:
 
     def _abort_staged(self, run: HostRun, reason: str) -> None:
         """Undo a stage that never reached the switch: remove the upload, record why."""
-        assert self.release is not None
-        run.ops.remove_staging(self.release)
-        run.ops.remove_releases([self.release])
-        run.ops.record([self._entry("deploy_failed", run, message=reason)])
+        release = run.begun_id
+        assert release is not None
+        run.ops.remove_staging(release)
+        run.ops.remove_releases([release])
+        run.ops.record([self._entry("deploy_failed", run, release=release, message=reason)])
 
     def _finish(self, run: HostRun) -> None:
         assert self.release is not None and run.state is not None
@@ -348,7 +400,8 @@ class Deployer:
         if run.pruned:
             entries.append(self._entry("cleanup", run, message="removed " + " ".join(run.pruned),
                                        removed=run.pruned))
-        run.ops.prune_and_record(run.pruned, entries)
+        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id)
+        run.locked = False
 
     def _unlock_all(self) -> None:
         held = [r for r in self.runs if r.locked]
@@ -374,8 +427,7 @@ class Deployer:
             try:
                 self._unlock_all()
             finally:
-                for r in self.runs:
-                    r.ops.close()
+                fan_out(self.runs, lambda r: r.ops.close(), self.env.parallel)
 
     def _report(self, status: str, code: int, message: str) -> DeployReport:
         return DeployReport(status, int(code), self.release, message, self.runs,
@@ -398,6 +450,18 @@ class Deployer:
                 return self._abort_stage()
             return self._report("interrupted", ExitCode.INTERRUPTED,
                                 "interrupted before upload: nothing was changed")
+
+    def _drop_begun(self) -> None:
+        """After a failed prepare: close the starts recorded in the lock's round trip."""
+        begun = [r for r in self.runs if r.begun]
+        for r in self.runs:
+            r.ops.transport.abort = None  # this cleanup must run even after Ctrl-C
+        reason = "interrupted before upload" if self.cancel.is_set() else "prepare failed on " \
+            + ", ".join(r.name for r in self._failed())
+        outcomes = fan_out(begun, lambda r: self._abort_staged(r, reason), self.env.parallel)
+        for r, o in zip(begun, outcomes, strict=True):
+            if not o.ok:
+                self.out.warn(f"{r.name}: could not remove the staged release: {o.error}")
 
     def _abort_stage(self) -> DeployReport:
         """Undo every staged release after a failure or Ctrl-C before any switch."""
@@ -436,6 +500,7 @@ class Deployer:
         # 1. prepare
         self._each(runs, self._prepare)
         if self.cancel.is_set() or self._failed():
+            self._drop_begun()
             for r in runs:
                 r.status = "failed" if r.error else "unchanged"
             if self.cancel.is_set():
@@ -451,7 +516,8 @@ class Deployer:
 
         # Never reuse an id a killed deploy used in the same second: its orphaned rsync may
         # still be writing to that staging path, and its history lines name that id.
-        self.release = new_release_id({i for r in runs if r.state for i in r.state.used_ids()})
+        self.release = choose_release_id(
+            self.candidate, {i for r in runs if r.state for i in r.state.used_ids()})
         # 2. stage
         self._each(runs, self._stage)
         if self.cancel.is_set() or self._failed():

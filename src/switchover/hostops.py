@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from switchover import commands as C
-from switchover import locks
+from switchover import locks, quickcheck
 from switchover import manifest as M
 from switchover.errors import (
     ConnectionLost,
@@ -56,6 +56,8 @@ class HostState:
     lock: dict[str, Any] | None = None  # None: not locked; {} if the owner is unreadable
     history: list[dict[str, Any]] = field(default_factory=list)
     lock_heartbeat_age: int | None = None  # seconds since the holder's last heartbeat
+    live_manifest_sha: str | None = None  # sha256 of the live release's stored manifest
+    begun: bool = False  # acquire(begin=...) began the release in the same round trip
 
     @property
     def current(self) -> str | None:
@@ -126,6 +128,8 @@ def parse_state(output: str) -> HostState:
         lock=parse_lock(s.get("lock", [])),
         history=parse_history(s.get("history", [])),
         lock_heartbeat_age=_first_int(s.get("heartbeat_age", [])),
+        live_manifest_sha=_digest(s.get("live_manifest", [])),
+        begun=s.get("begun", [])[:1] == ["yes"],
     )
 
 
@@ -185,15 +189,23 @@ class HostOps:
             raise HostError("could not read the host's state (unexpected output)",
                             host=self.name) from None
 
-    def acquire(self, owner: Mapping[str, Any]) -> HostState:
+    def acquire(self, owner: Mapping[str, Any],
+                begin: tuple[str, Mapping[str, Any]] | None = None) -> HostState:
         """Take the deploy lock and read the state; LockedError names the holder.
 
         A lock whose owner is provably gone (see locks.py) is taken over with a warning and
         an `unlock` entry in the history; a live owner's lock never is. While we hold the
         lock a heartbeat thread keeps it fresh.
+
+        `begin` (release, deploy_started entry) also begins that release in the same round
+        trip if its id is fresh on this host; `state.begun` says whether it did.
         """
         (owner,) = self._clean([{**owner, **locks.identity()}])  # the lock is never secret
-        r = self.run(C.acquire(self.layout, owner))
+        then = ""
+        if begin is not None:
+            release, entry = begin
+            then = C.begin_if_fresh(self.layout, release, self._clean([entry])[0])
+        r = self.run(C.acquire(self.layout, owner, then))
         if r.rc == C.RC_LOCKED:
             sections = C.parse_sections(r.stdout)
             held = parse_lock(["held", *sections.get("lock", [])])
@@ -206,15 +218,17 @@ class HostOps:
                     hint="wait for that deploy, or run `switchover unlock ENV` if it died",
                     host=self.name,
                 )
-            r = self._take_over(owner, held, reason)
+            r = self._take_over(owner, held, reason, then)
         self._must(r, "preparing the layout")
         state = self._parse(r.stdout)
         self._start_heartbeat(str(owner.get("deploy_id", "")))
         pause("after_lock", self.name)
+        if state.begun:
+            pause("after_begin", self.name)
         return state
 
     def _take_over(self, owner: Mapping[str, Any], held: dict[str, Any] | None,
-                   reason: str) -> Result:
+                   reason: str, then: str = "") -> Result:
         former = held or {}
         who = describe_owner(former)
         entry = {
@@ -227,7 +241,7 @@ class HostOps:
         }
         stale_id = former.get("deploy_id") if former else None
         r = self.run(C.take_over(self.layout, stale_id if isinstance(stale_id, str) else None,
-                                 owner, self._clean([entry])[0]))
+                                 owner, self._clean([entry])[0], then))
         if r.rc in (C.RC_LOCKED, C.RC_BUSY):
             now = parse_lock(["held", *C.parse_sections(r.stdout).get("lock", [])])
             busy = ": its detached switch step is still running on the host" \
@@ -273,22 +287,55 @@ class HostOps:
         self._must(self.run(C.begin(self.layout, release, clean)), "starting the release")
         pause("after_begin", self.name)
 
+    def abandon(self, release: str, entry: Mapping[str, Any]) -> None:
+        """Drop a begun release that never got an upload, and record why (one round trip)."""
+        (clean,) = self._clean([entry])
+        script = f"rm -rf {C.q(self.layout.staging(release))}\n" + \
+            C.append_history(self.layout, [clean])
+        self._must(self.run(script), "dropping the proposed release id")
+
     def upload(self, tree: Path, release: str, link_dest: str | None,
                exclude: Sequence[str], progress: ProgressCallback | None = None,
-               entries: dict[str, dict[str, Any]] | None = None) -> SyncStats:
+               entries: dict[str, dict[str, Any]] | None = None,
+               live_files: Mapping[str, Mapping[str, Any]] | None = None) -> SyncStats:
+        """rsync the tree into the release's staging dir, unchanged files hard-linked from
+        link_dest. With the live release's manifest (`live_files`), rsync's quick check is
+        used and the few files it could get wrong are sent again (quickcheck.py); without
+        it, --checksum."""
         dest = self.layout.staging(release)
-        if self.tracer is not None:
-            self.tracer.trace(self.name, f"# sync {tree}/ -> {dest}/"
-                              + (f" (unchanged files hard-linked from {link_dest})"
-                                 if link_dest else ""))
         # The manifest (stored at finalize) describes the tree as it is here, not as it lands.
-        self._manifests[release] = entries if entries is not None else M.scan(tree, exclude)
+        scanned = entries if entries is not None else M.scan(tree, exclude)
+        self._manifests[release] = scanned
+        quick = link_dest is None or quickcheck.usable(live_files, scanned)
+        force = quickcheck.suspects(live_files, scanned) if link_dest and quick and \
+            live_files is not None else []
+        if self.tracer is not None:
+            how = "quick check" if quick else "--checksum"
+            self.tracer.trace(self.name, f"# sync {tree}/ -> {dest}/ ({how}"
+                              + (f"; unchanged files hard-linked from {link_dest}"
+                                 if link_dest else "") + ")")
+        stats = self._with_retries(release, lambda: self.transport.sync(
+            tree, dest, link_dest=link_dest, exclude=exclude, timeout=self.timeout,
+            progress=progress, checksum=not quick))
+        if force:
+            if self.tracer is not None:
+                self.tracer.trace(self.name, f"# sync again, ignoring size and mtime: "
+                                  f"{len(force)} file(s) changed in content only")
+            extra = self._with_retries(release, lambda: self.transport.sync(
+                tree, dest, link_dest=None, exclude=(), timeout=self.timeout, only=force))
+            stats = SyncStats(stats.files_total,
+                              stats.files_transferred + extra.files_transferred,
+                              stats.bytes_transferred + extra.bytes_transferred,
+                              stats.bytes_sent + extra.bytes_sent)
+        pause("after_upload", self.name)
+        return stats
+
+    def _with_retries(self, release: str, sync: Callable[[], SyncStats]) -> SyncStats:
+        """Run one rsync pass; a dropped link is retried (resuming partial files)."""
         delay = RETRY_BACKOFF
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
-                stats = self.transport.sync(tree, dest, link_dest=link_dest, exclude=exclude,
-                                            timeout=self.timeout, progress=progress)
-                break
+                return sync()
             except DiskFull as e:
                 raise self._disk_full(e, release) from None
             except ConnectionLost as e:
@@ -301,8 +348,7 @@ class HostOps:
                 delay *= 2
                 with contextlib.suppress(HostError):
                     self.transport.reconnect()
-        pause("after_upload", self.name)
-        return stats
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _sleep(self, seconds: float) -> None:
         """Wait between retries; Ctrl-C (before the switch) cuts it short."""
@@ -334,9 +380,13 @@ class HostOps:
             self.tracer.trace(self.name, f"# compare (dry run) {tree}/ with {dest}/")
         return self.transport.compare(tree, dest, exclude=exclude, timeout=self.timeout)
 
-    def finalize(self, release: str, files: Sequence[str], dirs: Sequence[str]) -> None:
+    def finalize(self, release: str, files: Sequence[str], dirs: Sequence[str],
+                 manifest: bytes | None = None) -> None:
+        """Move the upload into releases/, link shared items, store the manifest (given,
+        or built from what upload scanned)."""
         scanned = self._manifests.get(release)
-        data = None if scanned is None else M.encode(M.build(release, scanned, files, dirs))
+        data = manifest if manifest is not None or scanned is None else \
+            M.encode(M.build(release, scanned, files, dirs))
         r = self.run(C.finalize(self.layout, release, files, dirs, manifest=data is not None),
                      input=data)
         if r.rc == C.RC_SHARED_MISSING:
@@ -369,12 +419,19 @@ class HostOps:
         if ids:
             self._must(self.run(C.remove_releases(self.layout, ids)), "removing releases")
 
-    def prune_and_record(self, releases: Iterable[str],
-                         entries: Iterable[Mapping[str, Any]]) -> None:
+    def prune_and_record(self, releases: Iterable[str], entries: Iterable[Mapping[str, Any]],
+                         unlock: str | None = None) -> None:
         """After a good deploy, in one round trip: move pruned releases out of releases/
-        (deleted in the background) and append the history entries."""
+        (deleted in the background), append the history entries and, with `unlock` (our
+        deploy id), release the lock once they are written."""
         script = C.remove_releases(self.layout, list(releases), background=True)
         script += C.append_history(self.layout, self._clean(entries))
+        if unlock is not None:
+            pause("before_finish", self.name)
+            self._stop_heartbeat()  # a beat after the unlock would find no lock: harmless
+            # Unlock only once the history is written; a failure leaves the lock to the
+            # caller's own unlock (and the error to report).
+            script = f"(\n{script}\n) || exit $?\n" + C.release_lock(self.layout, unlock)
         self._must(self.run(script), "recording the deploy")
 
     def remove_staging(self, release: str) -> None:
@@ -484,6 +541,12 @@ UPLOAD_ATTEMPTS = 3  # an upload cut off by the network is retried, resuming par
 RETRY_BACKOFF = 1.0  # seconds before the first retry, doubled for each further one
 WAIT_ROUND = 20.0  # seconds one remote wait for the detached switch step may block
 SWITCH_RECONNECTS = 3
+
+
+def _digest(lines: Sequence[str]) -> str | None:
+    """The sha256 hex digest `sha256sum` printed, if it printed one."""
+    word = (lines[0].split() or [""])[0] if lines else ""
+    return word if len(word) == 64 and all(c in "0123456789abcdef" for c in word) else None
 
 
 def _first_int(lines: Sequence[str]) -> int | None:

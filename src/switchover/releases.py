@@ -36,6 +36,16 @@ def new_release_id(existing: Iterable[str], now: datetime | None = None) -> str:
     return f"{stem}_{n:02d}"
 
 
+def choose_release_id(candidate: str, used: Iterable[str],
+                      now: datetime | None = None) -> str:
+    """The id for a deploy that proposed `candidate` before it knew the hosts' ids: the
+    candidate if it is unused and newer than every id in use, else a new one after all."""
+    used = set(used)
+    if candidate not in used and all(candidate > u for u in used if is_release_id(u)):
+        return candidate
+    return new_release_id(used | {candidate}, now)
+
+
 @dataclass
 class ReleaseStates:
     """Every release on a host with its state, derived from the history and the disk."""

@@ -103,11 +103,12 @@ class Client:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full, cwd=project.dir,
         )
 
-    def wait_paused(self, timeout: float = 60) -> str:
-        """Wait until the client reached its pause step; returns the marker's first line."""
+    def wait_paused(self, timeout: float = 60, hosts: int = 1) -> str:
+        """Wait until the client reached its pause step on `hosts` hosts (each host's thread
+        pauses on its own); returns the marker's first line."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.marker.exists() and self.marker.read_text().strip():
+            if self.marker.exists() and len(self.marker.read_text().splitlines()) >= hosts:
                 return self.marker.read_text().splitlines()[0]
             if self.proc.poll() is not None:
                 out, err = self.proc.communicate()
@@ -166,7 +167,9 @@ def release_problems(root: Path, rid: str) -> list[str]:
     def is_shared(path: str) -> bool:
         return any(path == s or path.startswith(s + "/") for s in shared)
 
-    want = {p: e for p, e in doc["files"].items() if not is_shared(p)}
+    # mtime is recorded as a hint for the next upload (quickcheck.py), not as content.
+    want = {p: {k: v for k, v in e.items() if k != "mtime"}
+            for p, e in doc["files"].items() if not is_shared(p)}
     have = {p: e for p, e in tree_entries(root / "releases" / rid).items() if not is_shared(p)}
     problems = [f"{rid}: missing {p}" for p in sorted(set(want) - set(have))]
     problems += [f"{rid}: unexpected {p}" for p in sorted(set(have) - set(want))]

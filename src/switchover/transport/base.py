@@ -75,7 +75,16 @@ class Transport(Protocol):
         exclude: Sequence[str],
         timeout: float | None = None,
         progress: ProgressCallback | None = None,
-    ) -> SyncStats: ...
+        checksum: bool = True,
+        only: Sequence[str] | None = None,
+    ) -> SyncStats:
+        """Make dest a copy of src (unchanged files hard-linked from link_dest).
+
+        `checksum=False` trusts rsync's quick check (size + mtime): only safe when the
+        caller corrects its mistakes (quickcheck.py). `only` sends just these relative
+        paths again, whatever their size and mtime, into an existing dest.
+        """
+        ...
 
     def compare(
         self, src: Path, dest: str, *, exclude: Sequence[str], timeout: float | None = None
@@ -214,6 +223,11 @@ RSYNC_NETWORK_CODES = frozenset({10, 12, 30, 35, 255})
 _NO_SPACE = ("no space left on device", "disk quota exceeded")
 
 
+def files_from(paths: Sequence[str]) -> bytes:
+    """rsync --files-from=- --from0 input: any byte but NUL may be in a name."""
+    return b"".join(os.fsencode(p) + b"\0" for p in paths)
+
+
 def rsync_failure(rc: int, stderr: str, host: str, what: str = "upload") -> TransferError:
     """The error for a failed rsync: out of space, connection lost (retryable), or other."""
     low = stderr.lower()
@@ -228,12 +242,22 @@ def rsync_failure(rc: int, stderr: str, host: str, what: str = "upload") -> Tran
     return TransferError(f"{what} failed (rsync exit {rc}): {reason}", host=host)
 
 
-def rsync_args(src: Path, link_dest: str | None, exclude: Sequence[str]) -> list[str]:
-    """The rsync options shared by both transports (destination appended by the caller)."""
-    # --checksum: rsync's quick check (size + mtime) would hard-link the *old* copy of a
-    # file whose content changed but whose size did not, whenever mtimes are pinned
-    # (reproducible builds, `git archive`, SOURCE_DATE_EPOCH) or fall in one second.
-    args = ["rsync", "-a", "--checksum", "--delete", "--stats", "--timeout=60"]
+def rsync_args(src: Path, link_dest: str | None, exclude: Sequence[str],
+               checksum: bool = True, only: bool = False) -> list[str]:
+    """The rsync options shared by both transports (destination appended by the caller).
+
+    With `only`, the paths to send come NUL-separated on stdin and are sent whatever their
+    size and mtime (--ignore-times): the correction pass after a quick-check upload.
+    """
+    if only:
+        return ["rsync", "-a", "--ignore-times", "--files-from=-", "--from0", "--stats",
+                "--timeout=60", f"--partial-dir={PARTIAL_DIR}", str(src).rstrip("/") + "/"]
+    args = ["rsync", "-a", "--delete", "--stats", "--timeout=60"]
+    if checksum:
+        # rsync's quick check (size + mtime) would hard-link the *old* copy of a file whose
+        # content changed but whose size did not, whenever mtimes are pinned (reproducible
+        # builds, `git archive`, SOURCE_DATE_EPOCH) or fall in one timestamp tick.
+        args.insert(2, "--checksum")
     # A retried upload resumes: files already complete in the staging dir are skipped, and a
     # file cut off mid-way is kept in a partial dir (next to it, inside staging) and used as
     # the basis of the next attempt. rsync excludes the partial dir from --delete by itself.

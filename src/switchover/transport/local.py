@@ -18,6 +18,7 @@ from switchover.hosts import LOCAL, HostSpec
 from switchover.transport.base import (
     Result,
     SyncStats,
+    files_from,
     parse_rsync_stats,
     rsync_args,
     rsync_failure,
@@ -61,10 +62,16 @@ class LocalTransport:
         exclude: Sequence[str],
         timeout: float | None = None,
         progress: ProgressCallback | None = None,
+        checksum: bool = True,
+        only: Sequence[str] | None = None,
     ) -> SyncStats:
         if shutil.which("rsync"):
-            argv = [*rsync_args(src, link_dest, exclude), dest.rstrip("/") + "/"]
-            if progress is None:
+            argv = [*rsync_args(src, link_dest, exclude, checksum, only is not None),
+                    dest.rstrip("/") + "/"]
+            if only is not None:
+                cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
+                                 abort=self.abort, input=files_from(only))
+            elif progress is None:
                 cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
                                  abort=self.abort)
             else:
@@ -74,6 +81,8 @@ class LocalTransport:
             if cp.returncode != 0:
                 raise rsync_failure(cp.returncode, cp.stderr, self.host.name, "copy")
             return parse_rsync_stats(cp.stdout)
+        if only is not None:
+            return SyncStats()  # copy_tree compares content itself: nothing to correct
         try:
             return copy_tree(src, Path(dest), Path(link_dest) if link_dest else None, exclude,
                              progress)

@@ -6,8 +6,11 @@ so a deploy costs one TCP connection and one authentication per host.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -21,6 +24,7 @@ from switchover.hosts import HostSpec
 from switchover.transport.base import (
     Result,
     SyncStats,
+    files_from,
     parse_rsync_stats,
     rsync_args,
     rsync_failure,
@@ -178,15 +182,20 @@ class SshTransport:
         exclude: Sequence[str],
         timeout: float | None = None,
         progress: ProgressCallback | None = None,
+        checksum: bool = True,
+        only: Sequence[str] | None = None,
     ) -> SyncStats:
         # -s (protect args): the remote path reaches rsync verbatim, not re-split by a shell.
         argv = [
-            *rsync_args(src, link_dest, exclude),
+            *rsync_args(src, link_dest, exclude, checksum, only is not None),
             "-s",
             "-e", self.rsh(),
             f"{self.host.destination}:{dest.rstrip('/')}/",
         ]
-        if progress is None:
+        if only is not None:
+            cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
+                             abort=self.abort, input=files_from(only))
+        elif progress is None:
             cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
                              abort=self.abort)
         else:
@@ -219,12 +228,55 @@ class SshTransport:
 
     def close(self) -> None:
         if self._connected:
-            subprocess.call(
-                [*self._base_args(), "-O", "exit", "--", self.host.destination],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=10,
-            )
+            # Asking the master over its socket costs no process; `ssh -O exit` costs one
+            # ssh start per host (a 50-host deploy on 2 cores pays ~0.1 s of wall for them).
+            if not terminate_master(self._control_dir):
+                subprocess.call(
+                    [*self._base_args(), "-O", "exit", "--", self.host.destination],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=10,
+                )
             self._connected = False
         shutil.rmtree(self._control_dir, ignore_errors=True)
+
+
+# OpenSSH's ControlMaster protocol (PROTOCOL.mux): uint32 length, uint32 type, body.
+_MUX_HELLO, _MUX_VERSION = 0x00000001, 4
+_MUX_C_TERMINATE, _MUX_S_OK = 0x10000005, 0x80000001
+
+
+def terminate_master(control_dir: str) -> bool:
+    """Ask the ssh master in our private control dir to exit, as `ssh -O exit` does.
+    False if that could not be done (the caller falls back to `ssh -O exit`)."""
+    try:
+        (name,) = os.listdir(control_dir)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(os.path.join(control_dir, name))
+            sock.sendall(struct.pack(">III", 8, _MUX_HELLO, _MUX_VERSION))
+            _read_mux(sock)  # the master's hello (and any extensions: ignored)
+            sock.sendall(struct.pack(">III", 8, _MUX_C_TERMINATE, 1))
+            # OpenSSH 9 hangs up as it exits; others answer MUX_S_OK first.
+            reply = sock.recv(12)
+    except (OSError, ValueError, struct.error):
+        return False
+    return reply == b"" or reply[4:12] == struct.pack(">II", _MUX_S_OK, 1)
+
+
+def _read_mux(sock: socket.socket) -> bytes:
+    (size,) = struct.unpack(">I", _recv_exact(sock, 4))
+    if size > 65536:
+        raise ValueError("unexpected mux packet")
+    return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ValueError("mux socket closed")
+        data += chunk
+    return data
