@@ -24,6 +24,7 @@ from typing import Any
 
 from switchover import manifest
 from switchover.errors import ArtifactError
+from switchover.hashcache import file_sha256
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
@@ -57,14 +58,6 @@ def run_build(command: str, cwd: Path) -> None:
         raise ArtifactError(
             f"build command failed (exit {proc.returncode}): {command}\n{tail}".rstrip()
         )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_member(m: tarfile.TarInfo) -> str | None:
@@ -160,13 +153,18 @@ def check_links_inside(root: Path, label: str | Path) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                continue
-            resolved = os.path.realpath(p)
-            if resolved != real_root and not resolved.startswith(real_root + os.sep):
-                rel = os.path.relpath(p, root)
-                raise ArtifactError(f"{label}: refusing entry {rel!r}: symlink "
-                                    f"{os.readlink(p)!r} resolves outside the release")
+            if os.path.islink(p) and _escapes(p, real_root):
+                raise _escape_error(label, root, p)
+
+
+def _escapes(link: str, real_root: str) -> bool:
+    resolved = os.path.realpath(link)
+    return resolved != real_root and not resolved.startswith(real_root + os.sep)
+
+
+def _escape_error(label: str | Path, root: Path, link: str) -> ArtifactError:
+    return ArtifactError(f"{label}: refusing entry {os.path.relpath(link, root)!r}: symlink "
+                         f"{os.readlink(link)!r} resolves outside the release")
 
 
 def extract_tarball(path: Path, into: Path) -> None:
@@ -187,30 +185,44 @@ def extract_tarball(path: Path, into: Path) -> None:
 
 
 def check_tree(root: Path) -> None:
-    """Refuse a directory artifact holding things that do not belong in a release."""
+    """Refuse a directory artifact holding things that do not belong in a release.
+
+    One walk with plain string paths (this runs before every deploy: thousands of files).
+    A link resolving outside the tree (what check_links_inside looks for) is reported only
+    after every other check has passed, as when that was a walk of its own.
+    """
+    real_root = os.path.realpath(root)
+    escaping: str | None = None
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            rel = p.relative_to(root)
-            st = p.lstat()
-            if stat.S_ISLNK(st.st_mode):
+            p = os.path.join(dirpath, name)
+            mode = os.lstat(p).st_mode
+            if stat.S_ISREG(mode) and not mode & (stat.S_ISUID | stat.S_ISGID):
+                continue  # nearly every entry
+            rel = os.path.relpath(p, root)
+            if stat.S_ISLNK(mode):
                 target = os.readlink(p)
                 if os.path.isabs(target):
                     raise ArtifactError(f"{root}: refusing {rel}: link to absolute path {target!r}")
-                resolved = os.path.normpath(os.path.join(os.path.dirname(str(rel)), target))
+                resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
                 if resolved == ".." or resolved.startswith("../"):
                     raise ArtifactError(f"{root}: refusing {rel}: link points outside the release")
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                if escaping is None and _escapes(p, real_root):
+                    escaping = p
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
                 raise ArtifactError(f"{root}: refusing {rel}: device file")
-            elif stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
                 raise ArtifactError(f"{root}: refusing {rel}: FIFO or socket")
-            elif st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(st.st_mode):
+            elif mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
                 raise ArtifactError(f"{root}: refusing {rel}: setuid/setgid bit")
-    check_links_inside(root, root)
+    if escaping is not None:
+        raise _escape_error(root, root, escaping)
 
 
 def tree_digest(entries: Mapping[str, Mapping[str, Any]]) -> tuple[str, int, int]:
-    """A sha256 over every path, mode and content of a scanned tree, its files and bytes."""
+    """A sha256 over every path, mode and content of a scanned tree, its files and bytes.
+
+    Not over mtimes: rebuilding or touching the same files gives the same digest."""
     h = hashlib.sha256()
     size = 0
     for rel in sorted(entries):
@@ -231,7 +243,7 @@ def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
         if not any(source.iterdir()):
             raise ArtifactError(f"artifact {source} is an empty directory")
         check_tree(source)
-        entries = manifest.scan(source, exclude)
+        entries = manifest.scan(source, exclude, cache=True)
         digest, files, size = tree_digest(entries)
         if files == 0:
             raise ArtifactError(f"artifact {source} has no files (after excludes)")
@@ -252,11 +264,12 @@ def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
         # A tarball of one top-level directory (`tar czf app.tgz app/`) deploys its contents.
         if len(top) == 1 and top[0].is_dir() and not top[0].is_symlink():
             tree = top[0]
+        # No hash cache: the tree is extracted afresh every time, every file is new.
         entries = manifest.scan(tree, exclude)
         _, files, size = tree_digest(entries)
         if files == 0:
             raise ArtifactError(f"artifact {source} holds no files")
-        return Artifact(tree=tree, source=source, sha256=_sha256_file(source), files=files,
+        return Artifact(tree=tree, source=source, sha256=file_sha256(str(source)), files=files,
                         size=size, entries=entries, _tmp=tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

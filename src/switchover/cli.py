@@ -2,43 +2,64 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
-from switchover import __version__, histview, manage, notify, plan, runlog
-from switchover.artifact import prepare, run_build
-from switchover.config import (
-    Environment,
-    check_batch_size,
-    check_canary_hosts,
-    config_path_from,
-    load_environment,
-)
-from switchover.context import RunContext
-from switchover.deploy import Deployer, DeployReport
+from switchover import __version__
 from switchover.errors import EXIT_CODE_HELP, ExitCode, SwitchoverError, UsageError
-from switchover.hostops import HostOps
-from switchover.output import Reporter
-from switchover.scaffold import complete_environment
-from switchover.secrets import Redactor, load_secrets, redactor_for
-from switchover.selection import override, select_hosts
-from switchover.session import open_hosts
-from switchover.transport.base import abort_running
+
+# Start-up time is paid by every command, so this module imports only what every command
+# needs; a command body imports what it uses (deploy never loads rollback's or history's
+# code, --help and --version load no config or rich at all).
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from switchover.config import Environment
+    from switchover.context import RunContext
+    from switchover.deploy import DeployReport
+    from switchover.hostops import HostOps
+    from switchover.manage import CommandResult
+    from switchover.output import Reporter
+
+
+def _no_redaction(text: str) -> str:
+    return text
+
+
+def _import_config_models() -> None:
+    """Import switchover.config, whose pydantic models are built on import, with pydantic's
+    plugin discovery off: it reads the entry points of every installed distribution (~4 ms
+    in a small venv, more in a big one), and a CLI wants no pydantic plugins. Set only
+    around this import and never over the operator's own value, so hooks and build
+    commands still run with the environment they were given."""
+    if "switchover.config" in sys.modules or "PYDANTIC_DISABLE_PLUGINS" in os.environ:
+        return
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+    try:
+        import switchover.config  # noqa: F401
+    finally:
+        del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+
+
+def _complete_environment(ctx: click.Context, param: click.Parameter,
+                          incomplete: str) -> list[str]:
+    # Wrapped: scaffold (and with it the config models) is only loaded when completing.
+    _import_config_models()
+    from switchover.scaffold import complete_environment
+
+    return complete_environment(ctx, param, incomplete)
 
 
 class Ctx:
     def __init__(self, config: str | None, json_mode: bool, verbose: int) -> None:
-        self.config = config_path_from(config)
+        self._config_option = config
         self.json = json_mode
         self.verbose = verbose
         # Filled by the per-command options below (see `host_options`, `fleet_options`).
@@ -46,11 +67,25 @@ class Ctx:
         self.hosts_from: str | None = None
         self.overrides: dict[str, Any] = {}
         # Masks [secrets] values in everything printed, errors included (set by env()).
-        self.redact: Callable[[str], str] = Redactor()
+        self.redact: Callable[[str], str] = _no_redaction
         self.out: Reporter | None = None  # the command's reporter, once it has one
         self.run_ctx: RunContext | None = None
 
+    @functools.cached_property
+    def config(self) -> Path:
+        """The config file; worked out on first use, so `CMD --help` loads no config code
+        (the group's callback, which makes this object, runs before the command's --help)."""
+        _import_config_models()
+        from switchover.config import config_path_from
+
+        return config_path_from(self._config_option)
+
     def env(self, name: str) -> Environment:
+        _import_config_models()
+        from switchover.config import load_environment
+        from switchover.secrets import redactor_for
+        from switchover.selection import override, select_hosts
+
         env = load_environment(self.config, name)
         self.redact = redactor_for(env)
         env = select_hosts(env, self.hosts, self.hosts_from)
@@ -58,6 +93,9 @@ class Ctx:
 
     def reporter(self, command: str, env: Environment | None = None) -> Reporter:
         """The command's reporter; with `env`, commands that act on hosts get a log file."""
+        from switchover import runlog
+        from switchover.output import Reporter
+
         out = Reporter(command, json_mode=self.json, verbose=self.verbose)
         out.redact = self.redact  # type: ignore[method-assign]  # secret values -> ***
         self.out = out
@@ -68,11 +106,15 @@ class Ctx:
     def run_context(self, env: Environment) -> RunContext:
         """Who runs this command: one per run, so the log and the history share an id."""
         if self.run_ctx is None:
+            from switchover.context import RunContext
+
             self.run_ctx = RunContext(env.app, env.name)
         return self.run_ctx
 
     def host_ops(self, env: Environment) -> list[HostOps]:
         """The environment's hosts, each script they run traced to the reporter (-vv, log)."""
+        from switchover.session import open_hosts
+
         hosts = open_hosts(env)
         for h in hosts:
             h.tracer = self.out
@@ -95,7 +137,11 @@ class _Interrupts:
             os.write(2, b"\n[switchover] interrupted: stopping safely "
                         b"(press Ctrl-C again to abort at once)\n")
         else:
-            abort_running()
+            # Not imported here (a handler must not wait for the import lock): a command
+            # that never loaded the transports has no steps in flight to kill.
+            transport = sys.modules.get("switchover.transport.base")
+            if transport is not None:
+                transport.abort_running()
             os.write(2, b"\n[switchover] aborting now: steps in flight are killed\n")
         raise KeyboardInterrupt
 
@@ -110,6 +156,10 @@ def _fail(obj: Ctx, command: str, error: SwitchoverError | str, code: int) -> No
     if obj.out is not None:  # also into the run's log, and say where that is
         obj.out.error(message, hint)
         sys.exit(code)
+    from rich.markup import escape
+
+    from switchover.output import Reporter
+
     err = Reporter(command).err
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if hint:
@@ -127,6 +177,8 @@ def run_command(command: str, fn: Callable[[Ctx], int]) -> Callable[..., None]:
     """Wrap a command body: map domain errors to exit codes, Ctrl-C to 130."""
 
     def wrapper(obj: Ctx) -> None:
+        import signal  # ~10 ms (its enums): not for --help and --version
+
         interrupts = _Interrupts()
         signal.signal(signal.SIGTERM, interrupts)
         signal.signal(signal.SIGINT, interrupts)
@@ -135,6 +187,8 @@ def run_command(command: str, fn: Callable[[Ctx], int]) -> Callable[..., None]:
                 code = fn(obj)
             except SwitchoverError as e:
                 if obj.verbose > 1:
+                    import traceback
+
                     sys.stderr.write(obj.redact(traceback.format_exc()))
                 _fail(obj, command, e, int(e.code))
             except KeyboardInterrupt:
@@ -213,6 +267,9 @@ def fleet_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _batch_size(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     if value is None:
         return None
+    _import_config_models()
+    from switchover.config import check_batch_size
+
     parsed: int | str = int(value) if value.isdigit() else value
     try:
         check_batch_size(parsed)
@@ -226,6 +283,9 @@ def _canary_hosts(ctx: click.Context, param: click.Parameter, value: str | None)
         return None
     parsed: int | list[str] = int(value) if value.isdigit() else [
         v.strip() for v in value.split(",") if v.strip()]
+    _import_config_models()
+    from switchover.config import check_canary_hosts
+
     try:
         check_canary_hosts(parsed)
     except ValueError as e:
@@ -246,7 +306,7 @@ def _artifact_path(obj: Ctx, env: Environment, explicit: str | None) -> tuple[Pa
 
 
 @main.command(epilog=EXIT_CODE_HELP)
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @click.option("--artifact", metavar="PATH", help="Directory or tarball (overrides the config).")
 @click.option("--check", "checks", multiple=True, metavar="CMD",
@@ -263,6 +323,10 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
     """Upload a release to every host, switch to it, check it; roll back if it fails."""
 
     def body(obj: Ctx) -> int:
+        from switchover.artifact import prepare, run_build
+        from switchover.deploy import Deployer
+        from switchover.secrets import load_secrets
+
         env = obj.env(environment)
         secrets = load_secrets(env, strict=True)  # a missing from_env name: exit 2, here
         for url in urls:
@@ -271,6 +335,8 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
         out = obj.reporter("deploy", env)
         source, build = _artifact_path(obj, env, artifact)
         if dry_run:
+            from switchover import plan
+
             return plan.dry_run(env, obj.host_ops(env), out, source, checks=checks, urls=urls,
                                 build=env.artifact.build if build else None, json_mode=obj.json)
         if build and env.artifact.build:
@@ -283,7 +349,10 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
                               secrets=secrets).run()
         finally:
             art.cleanup()
-        notify.notify(env, notify.deploy_notice(report, obj.run_context(env)), out)
+        if env.notify.webhooks:  # notify (and urllib) is only loaded to send something
+            from switchover import notify
+
+            notify.notify(env, notify.deploy_notice(report, obj.run_context(env)), out)
         if obj.json:
             out.emit_json(report.to_json())
         elif len(report.hosts) > 1 or report.exit_code != 0:
@@ -301,6 +370,9 @@ _RESULT_STYLE = {"succeeded": "green", "rolled_back": "yellow", "unchanged": "di
 
 def _deploy_table(report: DeployReport) -> Table:
     """The per-host summary after a deploy: host, result, release live now, time."""
+    from rich.markup import escape
+    from rich.table import Table
+
     t = Table("host", "result", "release", "time", "error")
     for h in report.hosts:
         live = report.release if h.status == "succeeded" else h.previous
@@ -311,7 +383,7 @@ def _deploy_table(report: DeployReport) -> Table:
 
 
 @main.command(epilog=EXIT_CODE_HELP)
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @click.option("--to", "to", metavar="RELEASE", help="Roll back to this release instead.")
 @pass_ctx
@@ -319,11 +391,16 @@ def rollback(obj: Ctx, environment: str, to: str | None) -> None:
     """Switch back to the last known-good release before the live one."""
 
     def body(obj: Ctx) -> int:
+        from switchover import manage
+
         env = obj.env(environment)
         out = obj.reporter("rollback", env)
         t0 = time.monotonic()
         result = manage.rollback(env, obj.host_ops(env), obj.run_context(env), out, to)
-        if result.exit_code in (ExitCode.OK, ExitCode.ROLLBACK_FAILED):  # something switched
+        switched = result.exit_code in (ExitCode.OK, ExitCode.ROLLBACK_FAILED)
+        if switched and env.notify.webhooks:
+            from switchover import notify
+
             notify.notify(env, notify.rollback_notice(result.doc, obj.run_context(env),
                                                       time.monotonic() - t0), out)
         return _finish(obj, out, result, _rollback_line)
@@ -331,7 +408,7 @@ def rollback(obj: Ctx, environment: str, to: str | None) -> None:
     run_command("rollback", body)(obj)
 
 
-def _rollback_line(result: manage.CommandResult) -> str:
+def _rollback_line(result: CommandResult) -> str:
     rows = result.doc["hosts"]
     ok = [r for r in rows if r["status"] == "ok"]
     if len(ok) == len(rows):
@@ -340,8 +417,8 @@ def _rollback_line(result: manage.CommandResult) -> str:
     return "; ".join(f"{r['host']}: {r['error']}" for r in rows if r["status"] != "ok")
 
 
-def _finish(obj: Ctx, out: Reporter, result: manage.CommandResult,
-            line: Callable[[manage.CommandResult], str] | None = None) -> int:
+def _finish(obj: Ctx, out: Reporter, result: CommandResult,
+            line: Callable[[CommandResult], str] | None = None) -> int:
     if obj.json:
         out.emit_json(result.doc)
     if line is not None:
@@ -350,13 +427,18 @@ def _finish(obj: Ctx, out: Reporter, result: manage.CommandResult,
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @pass_ctx
 def status(obj: Ctx, environment: str) -> None:
     """Per host: live release, rollback target, lock holder, reachability."""
 
     def body(obj: Ctx) -> int:
+        from rich.markup import escape
+        from rich.table import Table
+
+        from switchover import manage
+
         env = obj.env(environment)
         out = obj.reporter("status")
         result = manage.status(env, obj.host_ops(env))
@@ -394,13 +476,17 @@ def status(obj: Ctx, environment: str) -> None:
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @pass_ctx
 def releases(obj: Ctx, environment: str) -> None:
     """Per host: every release and its state (live, previous, available, failed)."""
 
     def body(obj: Ctx) -> int:
+        from rich.table import Table
+
+        from switchover import manage
+
         env = obj.env(environment)
         out = obj.reporter("releases")
         result = manage.releases(env, obj.host_ops(env))
@@ -422,7 +508,7 @@ def releases(obj: Ctx, environment: str) -> None:
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the last N entries.")
 @click.option("--since", metavar="WHEN",
@@ -433,6 +519,8 @@ def history(obj: Ctx, environment: str, limit: int | None, since: str | None) ->
     """The audit trail of every host, oldest first."""
 
     def body(obj: Ctx) -> int:
+        from switchover import histview, manage
+
         env = obj.env(environment)
         after = histview.parse_since(since) if since else None  # bad value: exit 2, first
         out = obj.reporter("history")
@@ -452,7 +540,7 @@ def history(obj: Ctx, environment: str, limit: int | None, since: str | None) ->
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @click.option("--keep", type=int, default=None, help="Healthy releases to keep (default: config).")
 @pass_ctx
@@ -460,6 +548,8 @@ def cleanup(obj: Ctx, environment: str, keep: int | None) -> None:
     """Remove old and failed releases (never the live one or the rollback target)."""
 
     def body(obj: Ctx) -> int:
+        from switchover import manage
+
         env = obj.env(environment)
         out = obj.reporter("cleanup", env)
         result = manage.cleanup(env, obj.host_ops(env), obj.run_context(env), out, keep)
@@ -469,13 +559,15 @@ def cleanup(obj: Ctx, environment: str, keep: int | None) -> None:
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @pass_ctx
 def unlock(obj: Ctx, environment: str) -> None:
     """Remove a lock left by a deploy that died (says who held it)."""
 
     def body(obj: Ctx) -> int:
+        from switchover import manage
+
         env = obj.env(environment)
         out = obj.reporter("unlock", env)
         result = manage.unlock(env, obj.host_ops(env), obj.run_context(env), out)
@@ -485,13 +577,15 @@ def unlock(obj: Ctx, environment: str) -> None:
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @pass_ctx
 def setup(obj: Ctx, environment: str) -> None:
     """Create the layout on each host and check prerequisites (rsync, writable)."""
 
     def body(obj: Ctx) -> int:
+        from switchover import manage
+
         env = obj.env(environment)
         out = obj.reporter("setup", env)
         return _finish(obj, out, manage.setup(env, obj.host_ops(env), out))
@@ -500,7 +594,7 @@ def setup(obj: Ctx, environment: str) -> None:
 
 
 @main.command()
-@click.argument("environment", shell_complete=complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @pass_ctx
 def verify(obj: Ctx, environment: str) -> None:

@@ -1,16 +1,16 @@
 """Release manifests: what a release held when it was uploaded, and drift against it.
 
-A manifest lists every file (path, size, mode, sha256) and symlink (path, target) of the
-uploaded tree, computed here from the local artifact. It is stored on each host under
-.switchover/manifests/<release>.json: outside the release, so an app never serves or trips
-over it, and removed only together with its release. `verify ENV` lists the live release
-on each host (hashing there) and compares. Shared items ([shared] files and dirs, linked in
-at finalize) are expected differences, not drift.
+A manifest lists every file (path, size, mode, sha256, mtime) and symlink (path, target)
+of the uploaded tree, computed here from the local artifact. It is stored on each host
+under .switchover/manifests/<release>.json: outside the release, so an app never serves or
+trips over it, and removed only together with its release. `verify ENV` lists the live
+release on each host (hashing there) and compares. Shared items ([shared] files and dirs,
+linked in at finalize) are expected differences, not drift. mtime is a hint for the next
+upload (quickcheck.py), never compared: older manifests and the hosts' listings lack it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -19,22 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from switchover.hashcache import HashCache, file_sha256
 from switchover.releases import utc_now_iso
 from switchover.transport.local import excluded
 
 VERSION = 1
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def scan(root: Path, exclude: Sequence[str], *,
+         cache: bool = False) -> dict[str, dict[str, Any]]:
+    """Every file and symlink under root (after excludes), keyed by relative path.
 
-
-def scan(root: Path, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Every file and symlink under root (after excludes), keyed by relative path."""
+    A file entry also has `mtime` (whole seconds): what rsync's quick check compares, for
+    quickcheck.py. It is not part of the release's identity: tree_digest, compare and the
+    host's listing leave it out. `cache`: reuse the sha256 of files unchanged since the
+    last scan of this directory (hashcache.py); pointless for a tree made afresh each time.
+    """
+    hashes = HashCache(root) if cache else None
     entries: dict[str, dict[str, Any]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -60,8 +61,13 @@ def scan(root: Path, exclude: Sequence[str]) -> dict[str, dict[str, Any]]:
             if stat.S_ISLNK(st.st_mode):
                 entries[rel] = {"type": "link", "target": os.readlink(p)}
             elif stat.S_ISREG(st.st_mode):
+                sha = hashes.sha256(rel, p, st) if hashes is not None else file_sha256(p)
+                # Whole seconds, rounded down like a time_t.
                 entries[rel] = {"type": "file", "size": st.st_size,
-                                "mode": f"{stat.S_IMODE(st.st_mode):04o}", "sha256": _sha256(p)}
+                                "mode": f"{stat.S_IMODE(st.st_mode):04o}", "sha256": sha,
+                                "mtime": st.st_mtime_ns // 1_000_000_000}
+    if hashes is not None:
+        hashes.save()
     return entries
 
 
@@ -178,7 +184,7 @@ def _difference(want: Mapping[str, Any], have: Mapping[str, Any]) -> str | None:
         if want.get("target") != have.get("target"):
             return f"link target {want.get('target')!r} -> {have.get('target')!r}"
         return None
-    changes = []
+    changes = []  # mtime is not compared: a rebuilt, identical file has not drifted
     if want.get("sha256") != have.get("sha256"):
         changes.append("content")
     if want.get("size") != have.get("size"):

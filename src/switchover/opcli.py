@@ -10,11 +10,10 @@ from pathlib import Path
 
 import click
 
-from switchover import plan, scaffold
-from switchover.artifact import prepare
 from switchover.cli import (
     Ctx,
     _artifact_path,
+    _complete_environment,
     _json,
     host_options,
     main,
@@ -23,9 +22,12 @@ from switchover.cli import (
 )
 from switchover.errors import EXIT_CODE_HELP, ArtifactError
 
+# plan, scaffold and artifact are imported by the commands that use them: this module is
+# loaded on every start (see the end of cli.py).
+
 
 @main.command(epilog=EXIT_CODE_HELP)
-@click.argument("environment", shell_complete=scaffold.complete_environment)
+@click.argument("environment", shell_complete=_complete_environment)
 @host_options
 @click.option("--artifact", metavar="PATH", help="Directory or tarball (default: the config's).")
 @click.option("--stat", "stat_only", is_flag=True, help="Only counts and bytes per host.")
@@ -34,6 +36,9 @@ def diff(obj: Ctx, environment: str, artifact: str | None, stat_only: bool) -> N
     """Files the artifact would add, change or delete against each host's live release."""
 
     def body(obj: Ctx) -> int:
+        from switchover import plan
+        from switchover.artifact import prepare
+
         env = obj.env(environment)
         out = obj.reporter("diff")
         source, build = _artifact_path(obj, env, artifact)
@@ -71,6 +76,8 @@ def init(obj: Ctx, app: str | None, hosts: tuple[str, ...], deploy_to: str | Non
     """Write a commented switchover.toml here (or at -c FILE); asks what is missing."""
 
     def body(obj: Ctx) -> int:
+        from switchover import scaffold
+
         explicit = click.get_current_context().find_root().params.get("config")
         path = Path(explicit) if explicit else Path("switchover.toml")
         interactive = sys.stdin.isatty() and not obj.json
@@ -91,4 +98,6 @@ def init(obj: Ctx, app: str | None, hosts: tuple[str, ...], deploy_to: str | Non
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
     """Print the shell completion script: eval "$(switchover completion bash)"."""
+    from switchover import scaffold
+
     click.echo(scaffold.completion_script(main, shell), nl=False)

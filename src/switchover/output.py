@@ -22,14 +22,17 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from io import StringIO
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID
 from rich.text import Text
 
 from switchover.secrets import redact_doc
-from switchover.transport.progress import ProgressCallback, SyncProgress
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from switchover.transport.progress import ProgressCallback, SyncProgress
 
 # Log files kept per log directory; older ones are removed when a new run starts.
 LOG_KEEP = 200
@@ -56,23 +59,30 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-class _UploadBar(BarColumn):
-    """A bar for uploads only: a spinner task shows its spinner and elapsed time instead."""
+def _live_display(console: Console) -> Progress:
+    """Spinners and upload bars, on a terminal only: rich.progress (and rich.live) is only
+    imported here, so runs in CI and pipes never load it."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task
 
-    def render(self, task: Task) -> Any:
-        if task.fields.get("kind") != "upload":
-            return Text("")
-        return super().render(task)
+    class UploadBar(BarColumn):
+        """A bar for uploads only: a spinner task shows its spinner and elapsed time."""
 
+        def render(self, task: Task) -> Any:
+            if task.fields.get("kind") != "upload":
+                return Text("")
+            return super().render(task)
 
-class _Info(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        if task.fields.get("kind") == "upload":
-            left = task.time_remaining
-            eta = "?" if left is None else time.strftime(
-                "%H:%M:%S" if left >= 3600 else "%M:%S", time.gmtime(left))
-            return Text(f"{task.fields.get('info', '')}  ETA {eta}", style="cyan")
-        return Text(f"{task.elapsed or 0:.1f} s", style="dim")
+    class Info(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            if task.fields.get("kind") == "upload":
+                left = task.time_remaining
+                eta = "?" if left is None else time.strftime(
+                    "%H:%M:%S" if left >= 3600 else "%M:%S", time.gmtime(left))
+                return Text(f"{task.fields.get('info', '')}  ETA {eta}", style="cyan")
+            return Text(f"{task.elapsed or 0:.1f} s", style="dim")
+
+    return Progress(SpinnerColumn(), "{task.description}", UploadBar(bar_width=30), Info(),
+                    console=console, transient=True, refresh_per_second=8)
 
 
 class Reporter:
@@ -231,10 +241,7 @@ class Reporter:
             return None
         with self._lock:
             if self._progress is None:
-                self._progress = Progress(
-                    SpinnerColumn(), "{task.description}", _UploadBar(bar_width=30), _Info(),
-                    console=self.err, transient=True, refresh_per_second=8,
-                )
+                self._progress = _live_display(self.err)
             if self._tasks == 0:
                 self._progress.start()
             self._tasks += 1

@@ -10,13 +10,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
-
-import platformdirs
+from typing import TYPE_CHECKING
 
 from switchover import __version__
-from switchover.config import Environment
-from switchover.context import RunContext
-from switchover.output import Reporter
+
+if TYPE_CHECKING:
+    from switchover.config import Environment
+    from switchover.context import RunContext
+    from switchover.output import Reporter
 
 
 def log_dir(env: Environment | None) -> Path:
@@ -25,6 +26,8 @@ def log_dir(env: Environment | None) -> Path:
         return Path(explicit).expanduser()
     if env is not None and env.log_dir is not None:
         return env.log_dir
+    import platformdirs  # only when neither of the above says where: start-up time counts
+
     return Path(platformdirs.user_state_dir("switchover")) / "logs"
 
 

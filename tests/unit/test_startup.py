@@ -1,0 +1,147 @@
+"""Start-up cost: a command loads only the modules it uses.
+
+Every command pays for its imports before it does anything; these tests pin down that
+--version and --help load no config models and no rich, and that a deploy loads none of
+the other commands' code, no urllib without a URL check or webhook, and no live display
+off a terminal. Each run is a fresh interpreter (the test process has imported it all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Runs the CLI like `python -m switchover ARGS`, then prints the modules it had loaded.
+PROBE = textwrap.dedent("""
+    import json, sys
+    from switchover.cli import main
+    try:
+        main(sys.argv[1:], prog_name="switchover")
+    except SystemExit as e:
+        code = e.code
+    with open(sys.argv[0] + ".modules", "w") as f:
+        json.dump({"modules": sorted(sys.modules), "code": code,
+                   "env": "PYDANTIC_DISABLE_PLUGINS" in __import__("os").environ}, f)
+""")
+
+EVERY_COMMAND = {"pydantic", "rich", "switchover.config", "switchover.deploy",
+                 "switchover.manage", "switchover.plan", "switchover.notify",
+                 "switchover.histview", "switchover.scaffold", "urllib.request"}
+
+
+def _run(tmp_path: Path, *args: str) -> dict:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    r = subprocess.run([sys.executable, str(probe), *args], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(Path(f"{probe}.modules").read_text())
+    doc["stdout"], doc["stderr"] = r.stdout, r.stderr
+    return doc
+
+
+def _project(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "dist").mkdir()
+    (tmp_path / "dist" / "index.html").write_text("hello\n")
+    cfg = tmp_path / "switchover.toml"
+    cfg.write_text('app = "demo"\n[artifact]\npath = "dist"\n'
+                   '[environments.local]\ndeploy_to = ".deploy/demo"\n' + extra)
+    return cfg
+
+
+def test_version_and_help_load_no_config_and_no_rich(tmp_path: Path) -> None:
+    for args in (["--version"], ["--help"], ["deploy", "--help"], ["diff", "--help"]):
+        doc = _run(tmp_path, *args)
+        assert doc["code"] in (0, None), (args, doc["stderr"])
+        assert not EVERY_COMMAND & set(doc["modules"]), args
+    assert "0." in _run(tmp_path, "--version")["stdout"]
+
+
+def test_deploy_loads_only_what_it_uses(tmp_path: Path) -> None:
+    _project(tmp_path)
+    doc = _run(tmp_path, "deploy", "local")
+    assert doc["code"] == 0, doc["stderr"]
+    loaded = set(doc["modules"])
+    assert {"switchover.config", "switchover.deploy"} <= loaded
+    unused = {"switchover.manage", "switchover.plan", "switchover.notify",
+              "switchover.histview", "switchover.scaffold", "switchover.verify",
+              "urllib.request", "http.client", "rich.progress", "rich.live", "rich.table"}
+    assert not unused & loaded
+    # pydantic's plugin discovery was off for the config models only: the hooks and the
+    # build command get the environment switchover was given.
+    assert doc["env"] is False
+
+
+def test_deploy_with_webhook_and_url_check_loads_urllib(tmp_path: Path) -> None:
+    # A webhook that cannot answer: a warning, never a failure (notify.py).
+    _project(tmp_path, '[notify]\nwebhooks = ["http://127.0.0.1:9/hook"]\ntimeout = 1\n')
+    doc = _run(tmp_path, "deploy", "local")
+    assert doc["code"] == 0, doc["stderr"]
+    assert {"switchover.notify", "urllib.request"} <= set(doc["modules"])
+    assert "webhook http://127.0.0.1:9/... failed" in doc["stderr"]
+
+
+def test_operator_setting_of_pydantic_plugins_is_left_alone(tmp_path: Path) -> None:
+    _project(tmp_path)
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "PYDANTIC_DISABLE_PLUGINS": "some_plugin"}
+    r = subprocess.run([sys.executable, str(probe), "status", "local"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(Path(f"{probe}.modules").read_text())
+    assert doc["env"] is True and doc["code"] == 0, r.stderr
+
+
+# One model class per section, for the top level and the environments' overrides alike
+# (fewer pydantic models to build at every start): an environment's section must still
+# override key by key, exactly the keys it sets, under the same rules.
+
+
+def test_environment_section_overrides_exactly_the_keys_it_sets(tmp_path: Path) -> None:
+    from switchover.config import load_environment
+
+    cfg = _project(tmp_path, textwrap.dedent("""
+        [environments.local.health]
+        timeout = 10.0
+        [environments.local.notify]
+        webhooks = []
+        [environments.local.secrets]
+        from_env = ["TOKEN"]
+    """))
+    cfg.write_text(cfg.read_text().replace(
+        "[artifact]", '[health]\ntimeout = 30.0\nretries = 7\n'
+        '[notify]\nwebhooks = ["https://example.com/hook"]\ntimeout = 2.0\n[artifact]'))
+    env = load_environment(cfg, "local")
+    assert env.health.timeout == 10.0  # set to the default value: still an override
+    assert env.health.retries == 7  # not set: inherited, not reset to the default
+    assert env.notify.webhooks == [] and env.notify.timeout == 2.0
+    assert env.secrets.from_env == ["TOKEN"] and env.secrets.env_file is None
+
+
+def test_environment_sections_are_checked_like_the_top_level(tmp_path: Path) -> None:
+    from switchover.config import load_environment
+    from switchover.errors import ConfigError
+
+    for section, line, message in (
+        ("health", 'urls = ["ftp://x"]', "environments.local.health.urls"),
+        ("shared", 'files = ["../x"]', "environments.local.shared.files"),
+        ("secrets", 'from_env = ["A", "A"]', "a name is listed more than once"),
+        ("notify", 'webhooks = ["x"]', "webhooks must be http:// or https:// URLs"),
+        ("hooks", "after_switch = 'true'", "environments.local.hooks.after_switch"),
+        ("health", "retries = -1", "environments.local.health.retries"),
+        ("health", "retry = 1", "unknown key (a typo?)"),
+    ):
+        d = tmp_path / f"{section}{abs(hash(line))}"
+        d.mkdir()
+        cfg = _project(d, f"[environments.local.{section}]\n{line}\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_environment(cfg, "local")
