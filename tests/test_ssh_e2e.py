@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faults.kit import masters
 from project import Project, ssh_target
 
 from switchover.hosts import HostSpec
@@ -65,17 +66,7 @@ def test_one_ssh_connection_per_host_per_deploy(sshp: Project, ssh_fleet):
 
 def _our_masters() -> set[int]:
     """Pids of ssh masters using switchover's private control dirs (/tmp/swo-*)."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0] == b"ssh" and any(a.startswith(b"ControlPath=/tmp/swo-") for a in argv):
-            pids.add(int(proc.name))
-    return pids
+    return {pid for pid, d in masters(None).items() if d.startswith("/tmp/swo-")}
 
 
 def test_deploy_leaves_no_ssh_master_behind(sshp: Project, ssh_fleet):
@@ -94,8 +85,8 @@ def test_terminate_master_ends_it_and_falls_back_when_it_cannot(ssh_fleet, tmp_p
     t = SshTransport(HostSpec(host.alias), SshOptions(ssh_config=ssh_fleet.ssh_config))
     t.connect()
     try:
-        (pid,) = {p for p in _our_masters()
-                  if t._control_dir.encode() in Path(f"/proc/{p}/cmdline").read_bytes()}
+        assert t.run("true").ok  # the first command opens the master
+        (pid,) = {p for p, d in masters(None).items() if d == t._control_dir}
         assert terminate_master(t._control_dir)
         deadline = time.monotonic() + 5
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:

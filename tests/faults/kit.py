@@ -28,14 +28,14 @@ PAUSE_MARKER = "SWITCHOVER_TEST_PAUSE_MARKER"
 
 
 def masters(ssh_config: str | None) -> dict[int, str]:
-    """ssh ControlMasters started with `-F ssh_config`: pid -> their ControlPath dir.
+    """ssh ControlMasters of ours: pid -> their ControlPath dir.
 
-    Matching on the config file keeps other test runs' masters (other fleets, other
-    configs) out of it, even when several suites share the machine.
+    A master started with `-F ssh_config` is matched on that config file, which keeps other
+    test runs' masters out. A master opened by its first command renames itself to
+    "ssh: <ControlPath> [mux]" once it goes to the background: those are matched on our
+    private control dirs (/tmp/swo-*); callers compare with a list taken before.
     """
     found: dict[int, str] = {}
-    if not ssh_config:
-        return found
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -44,7 +44,11 @@ def masters(ssh_config: str | None) -> dict[int, str]:
                 argv = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "ControlMaster=yes" not in argv or ssh_config not in argv:
+        title = re.fullmatch(r"ssh: (/tmp/swo-[^/ ]+)/\S+ \[mux\]", argv[0])
+        if title:
+            found[int(entry)] = title.group(1)
+            continue
+        if not ssh_config or "ControlMaster=yes" not in argv or ssh_config not in argv:
             continue
         path = next((a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")), "")
         found[int(entry)] = os.path.dirname(path)

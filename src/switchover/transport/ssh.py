@@ -85,6 +85,7 @@ class SshTransport:
         # Short path: a ControlPath socket must fit in sun_path (108 bytes).
         self._control_dir = tempfile.mkdtemp(prefix="swo-", dir="/tmp")
         self._connected = False
+        self._deferred = False  # connect() asked for; the first command opens the master
         self.abort: threading.Event | None = None
 
     def _base_args(self) -> list[str]:
@@ -112,6 +113,17 @@ class SshTransport:
         return [*self._base_args(), "-o", "ControlMaster=no"]
 
     def connect(self) -> None:
+        """Get ready to connect. The master connection is opened by the first command
+        (see `run`): that saves an ssh process and a round trip per host. Connection
+        errors (refused, host key, auth) surface there as HostError, as they would here."""
+        if not self._connected:
+            self._deferred = True
+
+    def _ensure_master(self) -> None:
+        if self._deferred and not self._connected:
+            self._open_master()
+
+    def _open_master(self) -> None:
         if self._connected:
             return
         # The master forks into the background and keeps its stderr: give it a file, not a
@@ -153,13 +165,16 @@ class SshTransport:
             if check == 0:
                 return
             self._connected = False
-        self.connect()
+        self._open_master()
 
     def run(self, script: str, *, timeout: float | None = None,
             input: bytes | None = None) -> Result:
         # The remote login shell parses this one string; the script itself is one quoted word.
         # `input` goes over the channel as the script's stdin, never into argv.
-        argv = [*self._command_args(), "--", self.host.destination, "sh -c " + shlex.quote(script)]
+        command = "sh -c " + shlex.quote(script)
+        if self._deferred and not self._connected:
+            return self._run_as_master(command, timeout, input)
+        argv = [*self._command_args(), "--", self.host.destination, command]
         cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command",
                          abort=self.abort, input=input)
         if cp.returncode == SSH_CONNECTION_FAILED:
@@ -167,6 +182,30 @@ class SshTransport:
                 f"connection lost or refused: {describe_ssh_failure(cp.stderr)}",
                 host=self.host.name,
             )
+        return Result(cp.returncode, cp.stdout, cp.stderr)
+
+    def _run_as_master(self, command: str, timeout: float | None,
+                       input: bytes | None) -> Result:
+        """Open the master connection with its first command: ssh runs the command in the
+        master's own session and, ControlPersist set, stays on in the background after it,
+        its stdio on /dev/null (so our pipes still end)."""
+        argv = [
+            *self._base_args(),
+            "-o", "ControlMaster=yes",
+            "-o", f"ControlPersist={self.options.persist}",
+            "--", self.host.destination, command,
+        ]
+        limit = None if timeout is None else timeout + self.options.connect_timeout
+        cp = run_process(argv, timeout=limit, host=self.host.name, what="remote command",
+                         abort=self.abort, input=input)
+        if os.listdir(self._control_dir):  # the master's socket: it is up
+            self._connected, self._deferred = True, False
+        if cp.returncode == SSH_CONNECTION_FAILED:
+            if not self._connected:
+                raise HostError(f"could not connect: {describe_ssh_failure(cp.stderr)}",
+                                host=self.host.name)
+            raise ConnectionLost(
+                f"connection lost: {describe_ssh_failure(cp.stderr)}", host=self.host.name)
         return Result(cp.returncode, cp.stdout, cp.stderr)
 
     def rsh(self) -> str:
@@ -185,6 +224,7 @@ class SshTransport:
         checksum: bool = True,
         only: Sequence[str] | None = None,
     ) -> SyncStats:
+        self._ensure_master()  # rsync runs over it; it cannot open it itself
         # -s (protect args): the remote path reaches rsync verbatim, not re-split by a shell.
         argv = [
             *rsync_args(src, link_dest, exclude, checksum, only is not None),
@@ -214,6 +254,8 @@ class SshTransport:
         self, src: Path, dest: str, *, exclude: Sequence[str], timeout: float | None = None
     ) -> TreeDiff:
         from switchover.treediff import rsync_compare  # imports the transports: bind late
+
+        self._ensure_master()
 
         def rsync(args: list[str]) -> subprocess.CompletedProcess[str]:
             cp = run_process(["rsync", "-s", "-e", self.rsh(), *args], timeout=timeout,
