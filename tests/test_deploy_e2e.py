@@ -89,10 +89,9 @@ def test_redeploy_uses_quick_check_only_against_a_known_live_manifest(project: P
 
 def test_release_id_taken_on_one_host_moves_the_whole_fleet_to_a_new_one(project: Project):
     """The id proposed with the lock is kept only if every host can take it."""
-    project.ok("deploy", "test")
     hosts = project.target.hosts
     ahead = "29990101_000000"  # a release from a deploy whose clock ran far ahead
-    (project.root(hosts[0]) / "releases" / ahead).mkdir()
+    (project.root(hosts[0]) / "releases" / ahead).mkdir(parents=True)
     (project.app / "index.html").write_text("v2\n")
     data = project.json("deploy", "test")
     assert data["status"] == "succeeded" and data["release"] == ahead + "_02"

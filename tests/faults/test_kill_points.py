@@ -103,7 +103,9 @@ def _kill_at(p: Project, step: str, where: str) -> None:
             assert (p.root(h) / "restarted").read_text().strip() == new[h]
 
     # The tool sees the dead client's lock as stale and its deploy as interrupted.
-    began = True  # the lock's round trip also records deploy_started
+    # The lock's round trip also begins the release if the id it proposes is fresh on the
+    # host; killed right there, whether it was depends on the clock: not asserted.
+    began = None if step == "after_lock" else True
     if step in STATUS_POINTS:  # (a CLI run costs ~1 s: not at every step)
         for row in p.json("status", "test")["hosts"]:
             assert row["locked"] and row["lock_stale"], row
@@ -111,7 +113,8 @@ def _kill_at(p: Project, step: str, where: str) -> None:
     # Each host's history has the dead deploy's start, with an ending only if it got there.
     for h in hosts:
         mine = [e["event"] for e in p.history(h) if e.get("deploy_id") in dead]
-        assert ("deploy_started" in mine) == began, (h, mine)
+        if began is not None:
+            assert ("deploy_started" in mine) == began, (h, mine)
         ended = {"deploy_succeeded", "deploy_failed"} & set(mine)
         assert not ended, (h, mine)
     if step in STATUS_POINTS:
