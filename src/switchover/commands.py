@@ -309,9 +309,11 @@ def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[
         "set -e",
         f"if [ -e {q(d.release(release))} ]; then echo 'release '{q(release)}' already exists'"
         f" >&2; exit {RC_RELEASE_EXISTS}; fi",
-        f"mkdir -p {q(d.manifests)}; cat > {q(tmp)}" if manifest else "",
+        f"[ -d {q(d.manifests)} ] || mkdir -p {q(d.manifests)}; cat > {q(tmp)}"
+        if manifest else "",
         # rsync removes its partial dir once an upload completes; a leftover is never app data.
-        f"rm -rf {q(d.staging(release) + '/' + PARTIAL_DIR)}",
+        f"if [ -e {q(d.staging(release) + '/' + PARTIAL_DIR)} ]; then"
+        f" rm -rf {q(d.staging(release) + '/' + PARTIAL_DIR)}; fi",
         f"mv {q(d.staging(release))} {q(d.release(release))}",
         link_shared(layout, release, files, dirs),
         f"mv -f {q(tmp)} {q(d.manifest(release))}" if manifest else "",
@@ -398,7 +400,7 @@ def remove_releases(layout: Layout, releases: Iterable[str], background: bool = 
         f" rm -f {q(d.manifest(r))}"
         for r in releases
     ]
-    return _lines(f"mkdir -p {q(d.trash)}", *moves, _empty_trash(layout))
+    return _lines(f"[ -d {q(d.trash)} ] || mkdir -p {q(d.trash)}", *moves, _empty_trash(layout))
 
 
 def _empty_trash(layout: Layout) -> str:
@@ -527,7 +529,7 @@ def _wait_for_step(slot: str, seconds: float) -> str:
         '  sleep "$t" 2>/dev/null || sleep 1',
         "done",
         f"echo {q(SECTION + 'status')}",
-        'cat "$D/status"',
+        'read -r st < "$D/status"; printf \'%s\\n\' "$st"',  # one line: no `cat` process
         'cat "$D/log" 2>/dev/null',
         f"echo {q(SECTION + 'end')}",
     )
@@ -572,8 +574,9 @@ def switch_detached(layout: Layout, token: str, release: str,
         f"mkdir -m 700 {q(slot)} 2>/dev/null || {{ echo 'switch step '{q(token)}' was already"
         f" claimed' >&2; exit {RC_NOT_STARTED}; }}",
         f"printf '%s' {q(runner)} > {q(slot + '/runner.sh')}",
-        "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=; fi",
-        f"nohup $S sh {q(slot + '/runner.sh')} </dev/null >>{q(slot + '/log')} 2>&1 &",
+        # A new session (setsid) has no terminal to hang up; nohup only where it is missing.
+        "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=nohup; fi",
+        f"$S sh {q(slot + '/runner.sh')} </dev/null >>{q(slot + '/log')} 2>&1 &",
         _wait_for_step(slot, wait),
     )
 
