@@ -524,7 +524,7 @@ def history(obj: Ctx, environment: str, limit: int | None, since: str | None) ->
         env = obj.env(environment)
         after = histview.parse_since(since) if since else None  # bad value: exit 2, first
         out = obj.reporter("history")
-        result = manage.history(env, obj.host_ops(env), None)
+        result = manage.history(env, obj.host_ops(env))
         everything = result.doc
         shown = histview.since_filter(everything, after) if after else everything
         if limit is not None:

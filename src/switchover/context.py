@@ -28,7 +28,7 @@ class RunContext:
     pid: int = field(default_factory=os.getpid)
     deploy_id: str = field(default_factory=lambda: secrets.token_hex(6))
 
-    def owner(self, command: str, release: str | None = None) -> dict[str, Any]:
+    def owner(self, command: str) -> dict[str, Any]:
         """The lock's owner.json: who, from where, which process, since when."""
         return {
             "user": self.user,
@@ -37,7 +37,6 @@ class RunContext:
             "time": utc_now_iso(),
             "deploy_id": self.deploy_id,
             "command": command,
-            "release": release,
         }
 
     def entry(self, event: str, host: str, *, release: str | None, previous: str | None,

@@ -143,7 +143,8 @@ def last_deploy(entries: list[dict[str, Any]], lock: dict[str, Any] | None
             "time": started.get("time"), "state": state}
 
 
-def history(env: Environment, hosts: Sequence[HostOps], limit: int | None) -> CommandResult:
+def history(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
+    """Every host's history merged in time order (the CLI filters and limits it)."""
     outcomes = _on_hosts(hosts, env, lambda h: h.read_state())
     entries: list[dict[str, Any]] = []
     for h, o in zip(hosts, outcomes, strict=True):
@@ -155,8 +156,6 @@ def history(env: Environment, hosts: Sequence[HostOps], limit: int | None) -> Co
             entries.extend(own)
     # Stable sort: equal timestamps keep each host's own append order.
     entries.sort(key=lambda e: str(e.get("time", "")))
-    if limit is not None:
-        entries = entries[-limit:] if limit > 0 else []
     errors = [o.error for o in outcomes]
     lines = [f"{h.name}: {_error_text(o.error)}" for h, o in zip(hosts, outcomes, strict=True)
              if o.error]
