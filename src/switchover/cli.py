@@ -115,7 +115,8 @@ class Ctx:
         """The environment's hosts, each script they run traced to the reporter (-vv, log)."""
         from switchover.session import open_hosts
 
-        hosts = open_hosts(env)
+        # The redactor env() made from this config's secrets; none made yet: read them.
+        hosts = open_hosts(env, None if self.redact is _no_redaction else self.redact)
         for h in hosts:
             h.tracer = self.out
             h.warn = self.out.warn if self.out is not None else None

@@ -14,7 +14,9 @@ from switchover.secrets import redactor_for
 from switchover.transport import LocalTransport, Result, SshOptions, SshTransport
 
 
-def open_hosts(env: Environment) -> list[HostOps]:
+def open_hosts(env: Environment, redact: Callable[[str], str] | None = None) -> list[HostOps]:
+    """One HostOps per host. `redact` masks secret values (read from the config's secrets
+    when not given: pass the one already made to read them once)."""
     layout = Layout(env.deploy_to)
     if env.is_local:
         hosts = [HostOps(LOCAL, LocalTransport(), layout, env.timeout)]
@@ -24,7 +26,8 @@ def open_hosts(env: Environment) -> list[HostOps]:
         options = SshOptions(ssh_config=env.ssh_config, identity_file=env.identity_file,
                              connect_timeout=connect)
         hosts = [HostOps(h, SshTransport(h, options), layout, env.timeout) for h in env.hosts]
-    redact = redactor_for(env)
+    if redact is None:
+        redact = redactor_for(env)
     locking = LockPolicy(timeout=env.lock_timeout, app=env.app, env=env.name)
     for h in hosts:
         h.redact = redact
