@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+from faults.kit import Client
 from project import Project, ssh_target
 from sshd_harness import _descendants
 
@@ -160,3 +161,46 @@ def test_inventory_group(fp: Project, tmp_path):
     doc = fp.json("deploy", "test")
     assert [h["host"] for h in doc["hosts"]] == ["web1", "web2"]
     assert fp.current("web5") is None
+
+
+def test_hosts_upload_while_a_slow_host_is_still_taking_its_lock(fp: Project):
+    """Pipelined prepare/stage: a host that holds its lock uploads at once; the release id
+    is fixed, and anything finalized, only once every host holds its lock."""
+    fp.ok("deploy", "test")
+    (fp.app / "index.html").write_text("v2\n")
+    client = Client(fp, "deploy", "test", pause_at="after_lock@web5",
+                    env={"SWITCHOVER_TEST_PAUSE_SECONDS": "5"})
+    client.wait_paused()
+    staging = fp.root("web1") / ".switchover" / "staging"
+    deadline = time.monotonic() + 4
+    uploaded = []
+    while time.monotonic() < deadline and not uploaded:
+        uploaded = [d for d in staging.iterdir() if (d / "index.html").is_file()
+                    and (d / "index.html").read_text() == "v2\n"] if staging.is_dir() else []
+        time.sleep(0.05)
+    assert uploaded, "web1 did not upload while web5 was still in prepare"
+    # nothing is finalized or switched before every host holds its lock
+    assert fp.releases("web1") == [fp.current("web1")]
+    r = client.finish()
+    assert r.returncode == 0, r.stderr
+    assert same_release_everywhere(fp) == uploaded[0].name
+    for h in fp.target.hosts:
+        assert fp.live_file("index.html", h) == "v2\n"
+
+
+def test_a_host_failing_prepare_stops_the_others_uploads_and_leaves_no_trace(fp: Project,
+                                                                             fleet5):
+    fp.ok("deploy", "test")
+    first = same_release_everywhere(fp)
+    (fp.app / "index.html").write_text("v2\n")
+    with fleet5.host_down("web3"):
+        r = fp.run("deploy", "test")
+    assert r.returncode == 3, r.stderr
+    assert "prepare failed on web3" in r.stdout + r.stderr
+    for h in fp.target.hosts:
+        assert fp.current(h) == first and fp.releases(h) == [first]
+        assert not fp.locked(h)
+        assert not list((fp.root(h) / ".switchover" / "staging").iterdir())
+        if h != "web3":  # each start recorded with the lock is closed, naming the cause
+            ends = [e for e in fp.history(h) if e["event"] == "deploy_failed"]
+            assert ends and "prepare failed on web3" in ends[-1]["message"]

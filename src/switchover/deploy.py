@@ -1,11 +1,15 @@
 """A deploy across every host of an environment, in phases.
 
-1. prepare: connect, lock, read state (every host). Any failure: nothing was changed.
-2. stage: record the start, upload into staging, move it into releases/<id>, link shared,
-   run before_switch hooks. Any failure: staged releases removed, `current` untouched.
-3. switch: one rename per host, after_switch hooks, health checks.
+1. prepare: connect, lock, read state, and begin the release under an id proposed from
+   this machine's clock (one round trip per host). A host that fails here stops the others
+   at once; what they staged is removed and `current` is untouched everywhere.
+2. stage: upload into staging, move it into releases/<id>, link shared, run before_switch
+   hooks. Pipelined with prepare: a host uploads as soon as it holds its lock; the id is
+   fixed (and anything finalized) once every host holds its lock. Any failure: staged
+   releases removed, `current` untouched.
+3. switch: one rename per host, after_switch hooks, health checks, batch by batch.
 4. verify: if any host failed, every switched host goes back to the release it ran before,
-   so the fleet ends on one release. Otherwise: record success and prune old releases.
+   so the fleet ends on one release. Otherwise: record success, prune and unlock.
 Locks are released on every path out, Ctrl-C included.
 """
 
@@ -53,6 +57,7 @@ class HostRun:
     state: HostState | None = None
     locked: bool = False
     begun_id: str | None = None  # the release this host recorded deploy_started for
+    prepare_failed: bool = False  # failed to connect / lock / read its state
     switched: bool = False
     previous: str | None = None  # the release that was live before this deploy
     status: str = "pending"
@@ -144,8 +149,14 @@ class Deployer:
         self.message = message
         self.release: str | None = None
         self.candidate = new_release_id(())  # proposed to every host with the lock
-        self.cancel = threading.Event()
-        self._memo_lock = threading.Lock()
+        self.cancel = threading.Event()  # Ctrl-C
+        # Stops every step before the switch at once: Ctrl-C, or any host failing there.
+        self.halt = threading.Event()
+        self._halted_for: str | None = None  # why halt was set by a failure (not Ctrl-C)
+        self._acquired = threading.Event()  # every host is past prepare (or one failed)
+        self._arrived = 0
+        self._prepare_ok = True
+        self._memo_lock = threading.RLock()
         self._live_manifests: dict[str, dict[str, dict[str, Any]] | None] = {}
         self._manifest: bytes | None = None
         self.cleaning_up = False  # set once a rollback or cleanup has begun
@@ -153,8 +164,10 @@ class Deployer:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _each(self, runs: Sequence[HostRun], fn: Any) -> None:
-        """Run fn(run) on every host in parallel, recording failures on the run."""
+    def _each(self, runs: Sequence[HostRun], fn: Any,
+              cancel: threading.Event | None = None) -> None:
+        """Run fn(run) on every host in parallel, recording failures on the run. Ctrl-C
+        sets `cancel` (default: self.cancel)."""
         def timed(run: HostRun) -> Any:
             try:
                 return fn(run)
@@ -162,13 +175,14 @@ class Deployer:
                 run.seconds = time.monotonic() - run.started
 
         with self.out.ordered([r.name for r in runs]):
-            outcomes = fan_out(runs, timed, self.env.parallel, self.cancel)
+            outcomes = fan_out(runs, timed, self.env.parallel,
+                               self.cancel if cancel is None else cancel)
         for run, outcome in zip(runs, outcomes, strict=True):
             if outcome.error is not None:
                 run.fail(outcome.error)
 
     def _check_cancel(self) -> None:
-        if self.cancel.is_set():
+        if self.cancel.is_set() or self.halt.is_set():
             raise Interrupted("interrupted")
 
     def _entry(self, event: str, run: HostRun, **kw: Any) -> dict[str, Any]:
@@ -219,12 +233,19 @@ class Deployer:
 
     def _prepare(self, run: HostRun) -> None:
         self._check_cancel()
-        with self.out.activity(run.name, "connecting, taking the lock", announce=False):
-            run.ops.connect()
-            # The release is begun in the lock's round trip under an id proposed before any
-            # host was seen; choose_release_id later keeps it unless some host rules it out.
-            run.state = run.ops.acquire(self.ctx.owner("deploy"),
-                                        begin=(self.candidate, self._started(run, self.candidate)))
+        # This step is never cut off (only bounded by its timeout): killed after the host
+        # took the lock but before we heard so, it would leave a lock nobody releases.
+        run.ops.transport.abort = None
+        try:
+            with self.out.activity(run.name, "connecting, taking the lock", announce=False):
+                run.ops.connect()
+                # The release is begun in the lock's round trip under an id proposed before
+                # any host was seen; choose_release_id keeps it unless some host rules it out.
+                run.state = run.ops.acquire(
+                    self.ctx.owner("deploy"),
+                    begin=(self.candidate, self._started(run, self.candidate)))
+        finally:
+            run.ops.transport.abort = self.halt
         run.locked = True
         if run.state.begun:
             run.begun_id = self.candidate
@@ -236,21 +257,85 @@ class Deployer:
             raise HostError(f"{run.ops.layout.current} exists and is not a symlink",
                             host=run.name)
 
-    def _stage(self, run: HostRun) -> None:
-        assert self.release is not None and run.state is not None
-        release, ops = self.release, run.ops
+    def _prepare_and_stage(self, run: HostRun) -> None:
+        """One host from connect to before_switch hooks, pipelined: a host that began the
+        proposed id uploads at once, while others are still connecting. The id is fixed
+        once every host holds its lock (the last to arrive chooses it)."""
+        self._prepare_part(run)
+        self._stage_part(run, early=True)
+
+    def _prepare_part(self, run: HostRun) -> None:
+        try:
+            self._prepare(run)
+        except BaseException:
+            run.prepare_failed = True
+            self._arrive(ok=False)
+            raise
+        self._arrive(ok=True)
+
+    def _stage_part(self, run: HostRun, early: bool = False) -> None:
+        # A failure here does not stop the other hosts: each one's own result (a hook's
+        # output, say) is worth seeing, and all staged releases are removed after.
+        uploaded = None
+        if early and run.begun_id is not None:
+            self._upload(run, run.begun_id)
+            uploaded = run.begun_id
+        release = self._wait_for_release()
+        if uploaded != release:
+            if run.begun_id != release:
+                self._rebegin(run, release)
+            self._upload(run, release)
+        self._finalize(run, release)
+
+    def _arrive(self, ok: bool) -> None:
+        """Count a host through prepare; the last one fixes the release id. A host that
+        could not be reached or locked stops every other host's staging at once: the deploy
+        cannot go on (nothing is live yet, so an upload can be cut off)."""
+        with self._memo_lock:
+            self._arrived += 1
+            self._prepare_ok = self._prepare_ok and ok
+            last = self._arrived == len(self.runs)
+        if not ok:
+            self._halt("a host failed to prepare")
+        if last:
+            if self._prepare_ok:
+                # Never reuse an id a killed deploy used in the same second: its orphaned
+                # rsync may still write to that staging path; its history lines name it.
+                used = {i for r in self.runs if r.state for i in r.state.used_ids()}
+                self.release = choose_release_id(self.candidate, used)
+            self._acquired.set()
+
+    def _halt(self, why: str) -> None:
+        with self._memo_lock:
+            if not self.halt.is_set():
+                self._halted_for = why
+                self.halt.set()
+
+    def _wait_for_release(self) -> str:
+        while not self._acquired.wait(0.1):
+            self._check_cancel()
         self._check_cancel()
-        if run.begun_id is not None and run.begun_id != release:
-            # Rare: the proposed id was taken (or newer ids exist) on some host. Close the
-            # start recorded under it here, then begin again under the id every host takes.
+        if self.release is None:
+            raise Interrupted("stopped: another host failed before the switch")
+        return self.release
+
+    def _rebegin(self, run: HostRun, release: str) -> None:
+        """Begin `release` on a host that has not (or began the proposed id, which some host
+        ruled out: close that start first)."""
+        ops = run.ops
+        self._check_cancel()
+        if run.begun_id is not None:
             ops.abandon(run.begun_id, self._entry(
                 "deploy_failed", run, release=run.begun_id,
                 message=f"release id {run.begun_id} is not usable on every host: "
                         f"this deploy continues as {release}"))
             run.begun_id = None
-        if run.begun_id is None:
-            ops.begin(release, self._started(run, release))
-            run.begun_id = release
+        ops.begin(release, self._started(run, release))
+        run.begun_id = release
+
+    def _upload(self, run: HostRun, release: str) -> None:
+        assert run.state is not None
+        ops = run.ops
         link_dest = None
         if run.previous and run.previous in run.state.releases:
             link_dest = ops.layout.release(run.previous)
@@ -267,6 +352,9 @@ class Deployer:
         sent_bytes = human_size(run.stats.bytes_transferred)
         self.out.step(run.name, f"uploaded: {sent} file{'' if sent == 1 else 's'} changed "
                                 f"({sent_bytes}), the rest hard-linked")
+
+    def _finalize(self, run: HostRun, release: str) -> None:
+        ops = run.ops
         self._check_cancel()
         if self.secrets is not None:
             # Before finalize: it links shared/.env into the release and needs it there.
@@ -451,17 +539,27 @@ class Deployer:
             return self._report("interrupted", ExitCode.INTERRUPTED,
                                 "interrupted before upload: nothing was changed")
 
-    def _drop_begun(self) -> None:
-        """After a failed prepare: close the starts recorded in the lock's round trip."""
-        begun = [r for r in self.runs if r.begun]
+    def _prepare_failed(self, failed: list[HostRun]) -> DeployReport:
+        """A host could not be reached, locked or read: remove what the others staged."""
+        self.cleaning_up = True
+        names = ", ".join(r.name for r in failed)
         for r in self.runs:
-            r.ops.transport.abort = None  # this cleanup must run even after Ctrl-C
-        reason = "interrupted before upload" if self.cancel.is_set() else "prepare failed on " \
-            + ", ".join(r.name for r in self._failed())
-        outcomes = fan_out(begun, lambda r: self._abort_staged(r, reason), self.env.parallel)
+            r.ops.transport.abort = None  # this cleanup must run to its end
+        begun = [r for r in self.runs if r.begun]
+        outcomes = fan_out(begun, lambda r: self._abort_staged(r, f"prepare failed on {names}"),
+                           self.env.parallel)
         for r, o in zip(begun, outcomes, strict=True):
             if not o.ok:
                 self.out.warn(f"{r.name}: could not remove the staged release: {o.error}")
+        for r in self.runs:
+            if r.error is not None:
+                self.out.bad(r.name, r.error.message if isinstance(r.error, SwitchoverError)
+                             else str(r.error))
+            r.status = "failed" if r.error else "unchanged"
+        code = ExitCode.LOCKED if any(isinstance(r.error, LockedError) for r in failed) \
+            else ExitCode.UNREACHABLE
+        return self._report("failed", code,
+                            f"prepare failed on {names}: current unchanged on every host")
 
     def _abort_stage(self) -> DeployReport:
         """Undo every staged release after a failure or Ctrl-C before any switch."""
@@ -494,33 +592,29 @@ class Deployer:
         # A bad strategy (an unknown canary host) is a usage error before any host is touched.
         self.batches = plan_batches(self.env.strategy, [r.name for r in runs],
                                     self.env.batch_size, self.env.canary_hosts)
-        # Before the switch nothing live depends on a step: Ctrl-C kills it at once.
+        # Before the switch nothing live depends on a step: Ctrl-C (or a host failing) kills
+        # the steps in flight at once.
         for r in runs:
-            r.ops.transport.abort = self.cancel
-        # 1. prepare
-        self._each(runs, self._prepare)
+            r.ops.transport.abort = self.halt
+        # 1 + 2. prepare and stage: pipelined per host when every host has a worker (see
+        # _prepare_and_stage); in two waves when `parallel` is smaller than the fleet (a
+        # worker waiting for a host that has none would wait forever).
+        if self.env.parallel >= len(runs):
+            self._each(runs, self._prepare_and_stage, cancel=self.halt)
+        else:
+            self._each(runs, self._prepare_part, cancel=self.halt)
+            if not self.halt.is_set():
+                self._each(runs, self._stage_part, cancel=self.halt)
+        if self.halt.is_set() and self._halted_for is None:
+            self.cancel.set()  # halted by Ctrl-C, not by a failure
+        elif self._halted_for is not None:
+            for r in runs:  # cut off because another host failed: not failures themselves
+                if isinstance(r.error, Interrupted):
+                    r.error = None
         if self.cancel.is_set() or self._failed():
-            self._drop_begun()
-            for r in runs:
-                r.status = "failed" if r.error else "unchanged"
-            if self.cancel.is_set():
-                return self._report("interrupted", ExitCode.INTERRUPTED,
-                                    "interrupted before upload: nothing was changed")
-            failed = self._failed()
-            for r in failed:
-                self.out.bad(r.name, str(r.error.message if r.error else ""))
-            code = ExitCode.LOCKED if any(isinstance(r.error, LockedError) for r in failed) \
-                else ExitCode.UNREACHABLE
-            names = ", ".join(r.name for r in failed)
-            return self._report("failed", code, f"prepare failed on {names}: nothing was changed")
-
-        # Never reuse an id a killed deploy used in the same second: its orphaned rsync may
-        # still be writing to that staging path, and its history lines name that id.
-        self.release = choose_release_id(
-            self.candidate, {i for r in runs if r.state for i in r.state.used_ids()})
-        # 2. stage
-        self._each(runs, self._stage)
-        if self.cancel.is_set() or self._failed():
+            failed = [r for r in runs if r.prepare_failed and r.error is not None]
+            if failed and not self.cancel.is_set():
+                return self._prepare_failed(failed)
             return self._abort_stage()
 
         # 3. switch, hooks, health, batch by batch as the strategy says. From here on a

@@ -1,9 +1,10 @@
 """A test hook for fault injection: pause the tool at a named step so a test can kill it there.
 
-Set SWITCHOVER_TEST_PAUSE_AT to a step name (or several, comma-separated) and, optionally,
-SWITCHOVER_TEST_PAUSE_MARKER to a file path. When a deploy reaches that step it writes
-"<step> <host> <pid>" to the marker file and sleeps (at most SWITCHOVER_TEST_PAUSE_SECONDS,
-default 60), so the test can SIGKILL it at exactly that point. Unset, it does nothing.
+Set SWITCHOVER_TEST_PAUSE_AT to a step name (or several, comma-separated; `step@host` for one
+host only) and, optionally, SWITCHOVER_TEST_PAUSE_MARKER to a file path. When a deploy reaches
+that step it writes "<step> <host> <pid>" to the marker file and sleeps (at most
+SWITCHOVER_TEST_PAUSE_SECONDS, default 60), so the test can SIGKILL it at exactly that point.
+Unset, it does nothing.
 It is a test hook only: nothing in normal operation sets these variables.
 
 Steps, in deploy order: after_lock, after_begin, after_upload, after_finalize, before_switch,
@@ -22,14 +23,15 @@ PAUSE_MARKER = "SWITCHOVER_TEST_PAUSE_MARKER"
 PAUSE_SECONDS = "SWITCHOVER_TEST_PAUSE_SECONDS"
 
 
-def pausing(step: str) -> bool:
-    """True if the environment asks to pause at `step`."""
-    return step in os.environ.get(PAUSE_AT, "").split(",")
+def pausing(step: str, host: str = "") -> bool:
+    """True if the environment asks to pause at `step` (on every host, or `step@host`)."""
+    asked = os.environ.get(PAUSE_AT, "").split(",")
+    return step in asked or (bool(host) and f"{step}@{host}" in asked)
 
 
 def pause(step: str, host: str = "") -> None:
     """If asked to by the environment, mark and sleep at `step` (see the module docstring)."""
-    if not pausing(step):
+    if not pausing(step, host):
         return
     marker = os.environ.get(PAUSE_MARKER)
     if marker:
