@@ -152,7 +152,7 @@ class Deployer:
         self.cancel = threading.Event()  # Ctrl-C
         # Stops every step before the switch at once: Ctrl-C, or any host failing there.
         self.halt = threading.Event()
-        self._halted_for: str | None = None  # why halt was set by a failure (not Ctrl-C)
+        self._halted_by_failure = False  # halt set because a host failed (not by Ctrl-C)
         self._acquired = threading.Event()  # every host is past prepare (or one failed)
         self._arrived = 0
         self._prepare_ok = True
@@ -296,7 +296,7 @@ class Deployer:
             self._prepare_ok = self._prepare_ok and ok
             last = self._arrived == len(self.runs)
         if not ok:
-            self._halt("a host failed to prepare")
+            self._halt_for_failure()
         if last:
             if self._prepare_ok:
                 # Never reuse an id a killed deploy used in the same second: its orphaned
@@ -305,10 +305,10 @@ class Deployer:
                 self.release = choose_release_id(self.candidate, used)
             self._acquired.set()
 
-    def _halt(self, why: str) -> None:
+    def _halt_for_failure(self) -> None:
         with self._memo_lock:
-            if not self.halt.is_set():
-                self._halted_for = why
+            if not self.halt.is_set():  # a Ctrl-C first stays a Ctrl-C
+                self._halted_by_failure = True
                 self.halt.set()
 
     def _wait_for_release(self) -> str:
@@ -605,9 +605,9 @@ class Deployer:
             self._each(runs, self._prepare_part, cancel=self.halt)
             if not self.halt.is_set():
                 self._each(runs, self._stage_part, cancel=self.halt)
-        if self.halt.is_set() and self._halted_for is None:
+        if self.halt.is_set() and not self._halted_by_failure:
             self.cancel.set()  # halted by Ctrl-C, not by a failure
-        elif self._halted_for is not None:
+        elif self._halted_by_failure:
             for r in runs:  # cut off because another host failed: not failures themselves
                 if isinstance(r.error, Interrupted):
                     r.error = None
