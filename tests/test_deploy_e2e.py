@@ -87,6 +87,28 @@ def test_redeploy_uses_quick_check_only_against_a_known_live_manifest(project: P
     check_invariants(project)
 
 
+def test_quick_check_is_not_fooled_by_a_directory_that_was_a_link(project: Project):
+    """Live: vendor -> vendor-1.2. New: vendor/ a real directory whose x.js has the size
+    and mtime of vendor-1.2/x.js but other content. rsync finds its basis through the old
+    link; the file must still arrive."""
+    lib = project.app / "vendor-1.2"
+    lib.mkdir()
+    (lib / "x.js").write_text("old!\n")
+    stamp = (lib / "x.js").stat().st_mtime
+    os.utime(lib / "x.js", (stamp, stamp))
+    (project.app / "vendor").symlink_to("vendor-1.2")
+    project.ok("deploy", "test")
+    (project.app / "vendor").unlink()
+    (project.app / "vendor").mkdir()
+    (project.app / "vendor" / "x.js").write_text("new!\n")
+    os.utime(project.app / "vendor" / "x.js", (stamp, stamp))
+    project.ok("deploy", "test")
+    for host in project.target.hosts:
+        assert project.live_file("vendor/x.js", host) == "new!\n"
+        assert project.live_file("vendor-1.2/x.js", host) == "old!\n"
+    check_invariants(project)
+
+
 def test_release_id_taken_on_one_host_moves_the_whole_fleet_to_a_new_one(project: Project):
     """The id proposed with the lock is kept only if every host can take it."""
     hosts = project.target.hosts

@@ -500,8 +500,8 @@ def _run_slot(layout: Layout, token: str) -> str:
 def _wait_for_step(slot: str, seconds: float) -> str:
     """Wait (bounded) for a detached step's status file, then print its status and log.
 
-    Most steps take milliseconds and every process counts on a busy fleet: the pid is read
-    once with the shell's `read`, and the clock (`date`, a process) every tenth round.
+    Most steps take milliseconds and processes cost on a busy fleet: the pid is read once
+    with the shell's `read`, and the clock (`date`) only every tenth round.
     """
     limit = max(0, round(seconds))
     first = "[ $i -eq 1 ] || " if limit == 0 else ""  # no wait asked: report at once
@@ -540,9 +540,10 @@ def switch_detached(layout: Layout, token: str, release: str,
                     env: Mapping[str, str], timeout: float | None, wait: float) -> str:
     """Start the switch and the after_switch hooks as ONE detached step on the host.
 
-    The step runs under nohup (and setsid where present) with no tie to this connection, so
-    a dropped link or a dead client cannot leave the new release live without its restart:
-    the host finishes the step and writes its result to .switchover/run/<token>/status
+    The step runs under nohup, in a session of its own where setsid exists, with no tie to
+    this connection, so a dropped link or a dead client cannot leave the new release
+    live without its restart: the host finishes the step and writes its result to
+    .switchover/run/<token>/status
     (`ok`, `switch RC` or `hook N RC`; hook output in `log`, one section per hook). The
     script then waits up to `wait` seconds for that result (see `wait_detached`).
     """
@@ -574,9 +575,10 @@ def switch_detached(layout: Layout, token: str, release: str,
         f"mkdir -m 700 {q(slot)} 2>/dev/null || {{ echo 'switch step '{q(token)}' was already"
         f" claimed' >&2; exit {RC_NOT_STARTED}; }}",
         f"printf '%s' {q(runner)} > {q(slot + '/runner.sh')}",
-        # A new session (setsid) has no terminal to hang up; nohup only where it is missing.
-        "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=nohup; fi",
-        f"$S sh {q(slot + '/runner.sh')} </dev/null >>{q(slot + '/log')} 2>&1 &",
+        # nohup as well as setsid: what the hooks start (a restarted server) inherits an
+        # ignored SIGHUP, as it always did.
+        "if command -v setsid >/dev/null 2>&1; then S=setsid; else S=; fi",
+        f"nohup $S sh {q(slot + '/runner.sh')} </dev/null >>{q(slot + '/log')} 2>&1 &",
         _wait_for_step(slot, wait),
     )
 

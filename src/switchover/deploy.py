@@ -245,7 +245,8 @@ class Deployer:
                     self.ctx.owner("deploy"),
                     begin=(self.candidate, self._started(run, self.candidate)))
         finally:
-            run.ops.transport.abort = self.halt
+            if not self.cleaning_up:  # a cleanup (second Ctrl-C) owns the transport now
+                run.ops.transport.abort = self.halt
         run.locked = True
         if run.state.begun:
             run.begun_id = self.candidate
@@ -298,12 +299,14 @@ class Deployer:
         if not ok:
             self._halt_for_failure()
         if last:
-            if self._prepare_ok:
-                # Never reuse an id a killed deploy used in the same second: its orphaned
-                # rsync may still write to that staging path; its history lines name it.
-                used = {i for r in self.runs if r.state for i in r.state.used_ids()}
-                self.release = choose_release_id(self.candidate, used)
-            self._acquired.set()
+            try:
+                if self._prepare_ok:
+                    # Never reuse an id a killed deploy used in the same second: its orphaned
+                    # rsync may still write to that staging path; its history lines name it.
+                    used = {i for r in self.runs if r.state for i in r.state.used_ids()}
+                    self.release = choose_release_id(self.candidate, used)
+            finally:
+                self._acquired.set()  # whatever happened: no host may wait for it forever
 
     def _halt_for_failure(self) -> None:
         with self._memo_lock:

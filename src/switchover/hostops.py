@@ -306,7 +306,7 @@ class HostOps:
         # The manifest (stored at finalize) describes the tree as it is here, not as it lands.
         scanned = entries if entries is not None else M.scan(tree, exclude)
         self._manifests[release] = scanned
-        quick = link_dest is None or quickcheck.usable(live_files, scanned)
+        quick = link_dest is None or quickcheck.usable(live_files, scanned, exclude)
         force = quickcheck.suspects(live_files, scanned) if link_dest and quick and \
             live_files is not None else []
         if self.tracer is not None:

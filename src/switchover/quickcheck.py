@@ -14,7 +14,7 @@ pass; everything else is left to the quick check. Pure logic: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Entries = Mapping[str, Mapping[str, Any]]
@@ -26,11 +26,17 @@ def suspects(live: Entries, new: Entries) -> list[str]:
     A file qualifies when the live release has a regular file at the same path with the
     same size, a different sha256, and the same mtime second (or no recorded mtime: then
     nothing rules it out). rsync compares mtimes to the nanosecond, so a different second
-    is always seen as a change.
+    is always seen as a change. A file under a directory that is a symlink in the live
+    release qualifies too: rsync looks its basis up through that link, at a path the live
+    manifest knows under another name.
     """
+    linked_dirs = {p for p, e in live.items() if e.get("type") == "link"}
     out = []
     for path, entry in new.items():
         if entry.get("type") != "file":
+            continue
+        if linked_dirs and _under_link(path, linked_dirs):
+            out.append(path)
             continue
         old = live.get(path)
         if old is None or old.get("type") != "file":
@@ -45,9 +51,26 @@ def suspects(live: Entries, new: Entries) -> list[str]:
     return sorted(out)
 
 
-def usable(live: Entries | None, new: Entries) -> bool:
-    """Whether both manifests carry what suspects() needs to be trusted."""
-    if live is None:
+def _under_link(path: str, links: set[str]) -> bool:
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in links for i in range(1, len(parts)))
+
+
+def usable(live: Entries | None, new: Entries, exclude: Sequence[str] = ()) -> bool:
+    """Whether suspects() can be trusted: both manifests carry sizes and hashes, and every
+    exclude pattern means the same to rsync as to manifest.scan (else a file rsync sends
+    could be missing from the manifest, and so from the suspects)."""
+    if live is None or not all(_simple_pattern(p) for p in exclude):
         return False
-    return all(e.get("type") != "file" or isinstance(e.get("sha256"), str)
+    return all(e.get("type") != "file" or (isinstance(e.get("sha256"), str)
+                                          and isinstance(e.get("size"), int))
                for e in (*live.values(), *new.values()))
+
+
+def _simple_pattern(pattern: str) -> bool:
+    """A name pattern (`.git`, `*.log`, `node_modules`), optionally anchored (`/build`):
+    the kinds rsync and manifest.scan's matcher agree on. Patterns with an inner or a
+    trailing '/', `**`, or rsync rule prefixes are left to --checksum."""
+    if pattern.startswith(("+ ", "- ", "!")) or "**" in pattern or pattern.endswith("/"):
+        return False
+    return "/" not in pattern.lstrip("/")

@@ -85,3 +85,26 @@ def test_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
 def test_proposed_release_id_is_kept_unless_a_host_rules_it_out(used, expected):
     now = datetime(2026, 1, 2, tzinfo=UTC)  # the clock of the deploy that proposed it
     assert choose_release_id("20260102_000000", used, now) == expected
+
+
+def test_files_under_a_directory_that_is_a_link_in_the_live_release_are_suspects():
+    # live: vendor -> vendor-1.2 (rsync finds the basis for vendor/x.js through that link)
+    live = {"vendor": {"type": "link", "target": "vendor-1.2"}, "vendor-1.2/x.js": f("a")}
+    new = {"vendor/x.js": f("b"), "vendor/sub/y.js": f("c"), "other/x.js": f("b")}
+    assert suspects(live, new) == ["vendor/sub/y.js", "vendor/x.js"]
+
+
+@pytest.mark.parametrize(("patterns", "ok"), [
+    ((), True),
+    ((".git", "*.log", "node_modules", "/build", "/b*", "[ab]?.tmp"), True),
+    (("logs/*.log",), False),  # rsync's * stops at '/', fnmatch's does not
+    (("tmp/",), False),  # rsync: directories only
+    (("**/cache",), False),
+    (("+ keep",), False),
+])
+def test_quick_check_only_with_exclude_patterns_rsync_reads_the_same_way(patterns, ok):
+    assert usable({"a": f("a")}, {"a": f("b")}, patterns) is ok
+
+
+def test_quick_check_needs_sizes_too():
+    assert not usable({"a": {"type": "file", "sha256": "a"}}, {"a": f("b")})

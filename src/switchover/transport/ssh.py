@@ -195,11 +195,17 @@ class SshTransport:
             "-o", f"ControlPersist={self.options.persist}",
             "--", self.host.destination, command,
         ]
-        limit = None if timeout is None else timeout + self.options.connect_timeout
-        cp = run_process(argv, timeout=limit, host=self.host.name, what="remote command",
-                         abort=self.abort, input=input)
-        if os.listdir(self._control_dir):  # the master's socket: it is up
-            self._connected, self._deferred = True, False
+        # Connecting (TCP, banner: ConnectTimeout; key exchange, login) plus the command,
+        # whose first run is a short state read: a host that hangs in login is cut off
+        # within FIRST_COMMAND_LIMIT, not after the whole step timeout.
+        limit = self.options.connect_timeout + min(timeout or FIRST_COMMAND_LIMIT,
+                                                   FIRST_COMMAND_LIMIT)
+        try:
+            cp = run_process(argv, timeout=limit, host=self.host.name, what="remote command",
+                             abort=self.abort, input=input)
+        finally:
+            if os.listdir(self._control_dir):  # the master's socket: it is up (and ours)
+                self._connected, self._deferred = True, False
         if cp.returncode == SSH_CONNECTION_FAILED:
             if not self._connected:
                 raise HostError(f"could not connect: {describe_ssh_failure(cp.stderr)}",
@@ -283,6 +289,8 @@ class SshTransport:
             self._connected = False
         shutil.rmtree(self._control_dir, ignore_errors=True)
 
+
+FIRST_COMMAND_LIMIT = 30.0  # seconds, beyond ConnectTimeout, for the master's first command
 
 # OpenSSH's ControlMaster protocol (PROTOCOL.mux): uint32 length, uint32 type, body.
 _MUX_HELLO, _MUX_VERSION = 0x00000001, 4
