@@ -81,11 +81,8 @@ def dump_state(layout: Layout, history_tail: int = 5000, lock: bool = True) -> s
         _names(d.releases),
         f"echo {q(SECTION + 'staging')}",
         _names(d.staging_root),
-        *((f"echo {q(SECTION + 'lock')}",
-           f"if [ -d {q(d.lock)} ]; then echo held; cat {q(d.lock_owner)} 2>/dev/null; echo;",
-           f"echo {q(SECTION + 'heartbeat_age')}; hb=$(cat {q(d.heartbeat)} 2>/dev/null)",
-           'case "$hb" in \'\'|*[!0-9]*) ;; *) echo $(( $(date +%s) - hb ));; esac; fi')
-          if lock else ()),
+        # A lock section only while the lock is held (the same report a refused lock gives).
+        f"if [ -d {q(d.lock)} ]; then\n{lock_report(layout)}fi" if lock else "",
         # The digest of the live release's manifest: if this machine still has that exact
         # manifest cached (sentmanifests.py), the upload can skip rsync's --checksum.
         f"echo {q(SECTION + 'live_manifest')}",
@@ -165,15 +162,15 @@ def lock_report(layout: Layout) -> str:
 def _after_lock(layout: Layout) -> str:
     """With the lock held: clear debris of dead deploys, then dump the state."""
     d = layout
+    debris = (f"{q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
+              f" {q(d.meta)}/lock.stale.*")
     return _lines(
         # Anything left in staging or the switch dir is debris of a dead deploy. A stale temp
         # link must go: `ln -s` onto it would create the link *inside* the old release and
         # publish the wrong version.
         # (Tested with a glob first: no `rm` process when there is nothing to remove.)
-        f"for f in {q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
-        f" {q(d.meta)}/lock.stale.*; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then"
-        f" rm -rf {q(d.staging_root)}/* {q(d.switch_dir)}/current {q(d.manifests)}/*.tmp"
-        f" {q(d.meta)}/lock.stale.*; break; fi; done",
+        f"for f in {debris}; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then rm -rf {debris};"
+        " break; fi; done",
         # Finished detached switch steps of earlier deploys (a running one is never touched).
         f"for r in {q(d.run_dir)}/*/; do if [ -f \"${{r}}status\" ]; then rm -rf \"$r\"; fi; done",
         # Pruned releases a host reboot interrupted the deletion of: finish it, off the path.

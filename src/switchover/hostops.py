@@ -125,7 +125,7 @@ def parse_state(output: str) -> HostState:
         current_target=current[1] if kind == "link" and len(current) > 1 else None,
         releases=sorted(r for r in s.get("releases", []) if is_release_id(r)),
         staging=[r for r in s.get("staging", []) if r],
-        lock=parse_lock(s.get("lock", [])),
+        lock=parse_lock(["held", *s["lock"]]) if "lock" in s else None,
         history=parse_history(s.get("history", [])),
         lock_heartbeat_age=_first_int(s.get("heartbeat_age", [])),
         live_manifest_sha=_digest(s.get("live_manifest", [])),

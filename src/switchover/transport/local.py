@@ -18,18 +18,15 @@ from switchover.hosts import LOCAL, HostSpec
 from switchover.transport.base import (
     Result,
     SyncStats,
-    files_from,
     parse_rsync_stats,
     rsync_args,
     rsync_failure,
     run_process,
 )
 from switchover.transport.progress import (
-    PROGRESS_ARGS,
     ProgressCallback,
     SyncProgress,
-    progress_reader,
-    run_streaming,
+    run_rsync,
 )
 
 if TYPE_CHECKING:
@@ -68,16 +65,8 @@ class LocalTransport:
         if shutil.which("rsync"):
             argv = [*rsync_args(src, link_dest, exclude, checksum, only is not None),
                     dest.rstrip("/") + "/"]
-            if only is not None:
-                cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
-                                 abort=self.abort, input=files_from(only))
-            elif progress is None:
-                cp = run_process(argv, timeout=timeout, host=self.host.name, what="copy",
-                                 abort=self.abort)
-            else:
-                cp = run_streaming([argv[0], *PROGRESS_ARGS, *argv[1:]], timeout=timeout,
-                                   host=self.host.name, what="copy", abort=self.abort,
-                                   on_line=progress_reader(progress))
+            cp = run_rsync(argv, timeout=timeout, host=self.host.name, what='copy',
+                           abort=self.abort, progress=progress, only=only)
             if cp.returncode != 0:
                 raise rsync_failure(cp.returncode, cp.stderr, self.host.name, "copy")
             return parse_rsync_stats(cp.stdout)

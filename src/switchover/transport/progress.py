@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from switchover.errors import HostError, Interrupted
-from switchover.transport.base import _kill_group
+from switchover.transport.base import _kill_group, files_from, run_process
 
 # rsync options that make it report progress on stdout, one line per update.
 PROGRESS_ARGS = ("--info=progress2", "--outbuf=L")
@@ -158,3 +158,17 @@ def progress_reader(callback: ProgressCallback) -> Callable[[str], None]:
             callback(p)
 
     return on_line
+
+
+def run_rsync(argv: Sequence[str], *, timeout: float | None, host: str, what: str,
+              abort: threading.Event | None, progress: ProgressCallback | None = None,
+              only: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run an rsync argv (rsync_args + destination) the way both transports do: with the
+    `only` paths on stdin, with progress streamed to `progress`, or plainly."""
+    if only is not None:
+        return run_process(argv, timeout=timeout, host=host, what=what, abort=abort,
+                           input=files_from(only))
+    if progress is None:
+        return run_process(argv, timeout=timeout, host=host, what=what, abort=abort)
+    return run_streaming([argv[0], *PROGRESS_ARGS, *argv[1:]], timeout=timeout, host=host,
+                         what=what, abort=abort, on_line=progress_reader(progress))

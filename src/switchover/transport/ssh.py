@@ -24,17 +24,14 @@ from switchover.hosts import HostSpec
 from switchover.transport.base import (
     Result,
     SyncStats,
-    files_from,
     parse_rsync_stats,
     rsync_args,
     rsync_failure,
     run_process,
 )
 from switchover.transport.progress import (
-    PROGRESS_ARGS,
     ProgressCallback,
-    progress_reader,
-    run_streaming,
+    run_rsync,
 )
 
 if TYPE_CHECKING:
@@ -238,16 +235,8 @@ class SshTransport:
             "-e", self.rsh(),
             f"{self.host.destination}:{dest.rstrip('/')}/",
         ]
-        if only is not None:
-            cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
-                             abort=self.abort, input=files_from(only))
-        elif progress is None:
-            cp = run_process(argv, timeout=timeout, host=self.host.name, what="upload",
-                             abort=self.abort)
-        else:
-            cp = run_streaming([argv[0], *PROGRESS_ARGS, *argv[1:]], timeout=timeout,
-                               host=self.host.name, what="upload", abort=self.abort,
-                               on_line=progress_reader(progress))
+        cp = run_rsync(argv, timeout=timeout, host=self.host.name, what='upload',
+                       abort=self.abort, progress=progress, only=only)
         if cp.returncode != 0:
             error = rsync_failure(cp.returncode, cp.stderr, self.host.name)
             if cp.returncode == SSH_CONNECTION_FAILED and not isinstance(error, DiskFull):
