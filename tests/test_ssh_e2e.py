@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import pytest
 from faults.kit import masters
 from project import Project, ssh_target
 
+from switchover.errors import ConnectionLost, HostError, Interrupted
 from switchover.hosts import HostSpec
 from switchover.transport.ssh import SshOptions, SshTransport, terminate_master
 
@@ -141,3 +145,55 @@ def test_changed_host_key_is_refused_with_exit_3(sshp: Project, ssh_fleet, tmp_p
         assert sshp.current(h) == first[h]
         assert sshp.releases(h) == [first[h]]
         assert not sshp.locked(h)
+
+
+@pytest.fixture
+def master_transport(ssh_fleet):
+    """A transport whose master is up (opened by a first command), closed afterwards."""
+    ssh_fleet.ensure_running()
+    options = SshOptions(ssh_config=ssh_fleet.ssh_config)
+    t = SshTransport(HostSpec(ssh_fleet.hosts[0].alias), options)
+    t.connect()
+    assert t.run("true").ok
+    yield t
+    t.close()
+
+
+def test_later_commands_ride_the_master_socket_without_an_ssh_process(master_transport,
+                                                                       monkeypatch):
+    # No ssh on PATH: only a session asked of the master over its socket can run these.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    data = bytes(range(256)) * 4096  # 1 MiB, every byte value: stdin is passed exactly
+    r = master_transport.run("PATH=/usr/bin:/bin; echo out; echo err >&2; "
+                             "sha256sum | cut -c1-64; exit 3", input=data)
+    assert r.rc == 3
+    assert r.stdout.splitlines() == ["out", hashlib.sha256(data).hexdigest()]
+    assert r.stderr == "err\n"
+    assert master_transport.run("exit 0").ok
+
+
+def test_a_command_over_the_master_is_cut_off_by_its_timeout_and_abort(master_transport):
+    started = time.monotonic()
+    with pytest.raises(HostError, match="timed out after 1 s"):
+        master_transport.run("sleep 30", timeout=1)
+    master_transport.abort = threading.Event()
+    threading.Timer(0.5, master_transport.abort.set).start()
+    with pytest.raises(Interrupted):
+        master_transport.run("sleep 30")
+    assert time.monotonic() - started < 10
+    master_transport.abort = None
+    assert master_transport.run("echo still-up").stdout == "still-up\n"
+
+
+def test_a_session_ending_without_status_is_a_lost_connection(master_transport):
+    # What `ssh` itself reports as exit 255: the remote shell killed, no exit status sent.
+    with pytest.raises(ConnectionLost):
+        master_transport.run("kill -9 $$")
+
+
+def test_commands_fall_back_to_ssh_when_the_master_is_gone(master_transport):
+    assert terminate_master(master_transport._control_dir)
+    deadline = time.monotonic() + 5
+    while os.listdir(master_transport._control_dir) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert master_transport.run("echo direct").stdout == "direct\n"

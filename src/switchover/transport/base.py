@@ -105,6 +105,32 @@ def abort_running() -> None:
     _abort_generation += 1
 
 
+class StepWatch:
+    """What a running step checks while it waits: its abort flag, a second Ctrl-C
+    (`abort_running`) and its timeout. `next_wait` raises when the step must end now."""
+
+    POLL = 0.2  # seconds between checks of the abort flags
+
+    def __init__(self, timeout: float | None, host: str, what: str,
+                 abort: threading.Event | None) -> None:
+        self.timeout, self.host, self.what, self.abort = timeout, host, what, abort
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.generation = _abort_generation
+
+    def next_wait(self) -> float:
+        """How long the caller may block before asking again (raises if it must stop)."""
+        if self.abort is not None and self.abort.is_set():
+            raise Interrupted(f"{self.what} interrupted", host=self.host)
+        if _abort_generation != self.generation:
+            raise Interrupted(f"{self.what} aborted", host=self.host)
+        if self.deadline is None:
+            return self.POLL
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise HostError(f"{self.what} timed out after {self.timeout:g} s", host=self.host)
+        return min(self.POLL, left)
+
+
 def run_process(
     argv: Sequence[str],
     *,
@@ -148,22 +174,11 @@ def run_process(
     if feed is not None:
         os.close(stdin)
         threading.Thread(target=_feed, args=(feed, input or b""), daemon=True).start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    generation = _abort_generation
+    watch = StepWatch(timeout, host, what, abort)
     try:
         while True:
-            if abort is not None and abort.is_set():
-                raise Interrupted(f"{what} interrupted", host=host)
-            if _abort_generation != generation:
-                raise Interrupted(f"{what} aborted", host=host)
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise HostError(f"{what} timed out after {timeout:g} s", host=host)
-            wait = 0.2  # poll the abort flags
-            if left is not None:
-                wait = min(wait, left)
             try:
-                out, err = proc.communicate(timeout=wait)
+                out, err = proc.communicate(timeout=watch.next_wait())
                 break
             except subprocess.TimeoutExpired:
                 continue

@@ -13,12 +13,10 @@ import selectors
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from switchover.errors import HostError, Interrupted
-from switchover.transport.base import _kill_group, files_from, run_process
+from switchover.transport.base import StepWatch, _kill_group, files_from, run_process
 
 # rsync options that make it report progress on stdout, one line per update.
 PROGRESS_ARGS = ("--info=progress2", "--outbuf=L")
@@ -101,18 +99,13 @@ def run_streaming(
         fd = proc.stdout.fileno()
         kept: list[bytes] = []
         rest = b""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        watch = StepWatch(timeout, host, what, abort)
         sel = selectors.DefaultSelector()
         sel.register(fd, selectors.EVENT_READ)
         eof = False
         try:
             while True:
-                if abort is not None and abort.is_set():
-                    raise Interrupted(f"{what} interrupted", host=host)
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise HostError(f"{what} timed out after {timeout:g} s", host=host)
-                wait = 0.2 if left is None else min(0.2, left)
+                wait = watch.next_wait()
                 if eof:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=wait)

@@ -6,11 +6,10 @@ so a deploy costs one TCP connection and one authentication per host.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
-import socket
-import struct
 import subprocess
 import tempfile
 import threading
@@ -23,12 +22,15 @@ from switchover.errors import ConnectionLost, DiskFull, HostError
 from switchover.hosts import HostSpec
 from switchover.transport.base import (
     Result,
+    StepWatch,
     SyncStats,
+    _text,
     parse_rsync_stats,
     rsync_args,
     rsync_failure,
     run_process,
 )
+from switchover.transport.mux import MuxUnavailable, run_session, terminate_master
 from switchover.transport.progress import (
     ProgressCallback,
     run_rsync,
@@ -171,6 +173,9 @@ class SshTransport:
         command = "sh -c " + shlex.quote(script)
         if self._deferred and not self._connected:
             return self._run_as_master(command, timeout, input)
+        if self._connected:
+            with contextlib.suppress(MuxUnavailable):
+                return self._run_over_master(command, timeout, input)
         argv = [*self._command_args(), "--", self.host.destination, command]
         cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command",
                          abort=self.abort, input=input)
@@ -180,6 +185,21 @@ class SshTransport:
                 host=self.host.name,
             )
         return Result(cp.returncode, cp.stdout, cp.stderr)
+
+    def _run_over_master(self, command: str, timeout: float | None,
+                         input: bytes | None) -> Result:
+        """Run over our master's socket, without an `ssh` process (see mux.py)."""
+        names = os.listdir(self._control_dir)
+        if len(names) != 1:
+            raise MuxUnavailable("no master socket")
+        (name,) = names
+        watch = StepWatch(timeout, self.host.name, "remote command", self.abort)
+        rc, out, err = run_session(os.path.join(self._control_dir, name), command,
+                                   watch=watch, input=input)
+        if rc == SSH_CONNECTION_FAILED:
+            reason = _text(err).strip() or "the shared ssh connection closed mid-command"
+            raise ConnectionLost(f"connection lost: {reason}", host=self.host.name)
+        return Result(rc, _text(out), _text(err))
 
     def _run_as_master(self, command: str, timeout: float | None,
                        input: bytes | None) -> Result:
@@ -280,42 +300,3 @@ class SshTransport:
 
 
 FIRST_COMMAND_LIMIT = 30.0  # seconds, beyond ConnectTimeout, for the master's first command
-
-# OpenSSH's ControlMaster protocol (PROTOCOL.mux): uint32 length, uint32 type, body.
-_MUX_HELLO, _MUX_VERSION = 0x00000001, 4
-_MUX_C_TERMINATE, _MUX_S_OK = 0x10000005, 0x80000001
-
-
-def terminate_master(control_dir: str) -> bool:
-    """Ask the ssh master in our private control dir to exit, as `ssh -O exit` does.
-    False if that could not be done (the caller falls back to `ssh -O exit`)."""
-    try:
-        (name,) = os.listdir(control_dir)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(os.path.join(control_dir, name))
-            sock.sendall(struct.pack(">III", 8, _MUX_HELLO, _MUX_VERSION))
-            _read_mux(sock)  # the master's hello (and any extensions: ignored)
-            sock.sendall(struct.pack(">III", 8, _MUX_C_TERMINATE, 1))
-            # OpenSSH 9 hangs up as it exits; others answer MUX_S_OK first.
-            reply = sock.recv(12)
-    except (OSError, ValueError, struct.error):
-        return False
-    return reply == b"" or reply[4:12] == struct.pack(">II", _MUX_S_OK, 1)
-
-
-def _read_mux(sock: socket.socket) -> bytes:
-    (size,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if size > 65536:
-        raise ValueError("unexpected mux packet")
-    return _recv_exact(sock, size)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ValueError("mux socket closed")
-        data += chunk
-    return data
