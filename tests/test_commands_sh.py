@@ -270,3 +270,78 @@ def test_state_lists_names_with_globs_like_ls(tmp_path):
     Path(lay.staging("odd name")).mkdir(parents=True)
     state = parse_state(sh(C.dump_state(lay)).stdout)
     assert state.releases == ["20260101_000000"] and state.staging == ["odd name"]
+
+
+def test_lock_owner_is_matched_in_our_compact_form_and_json_dumps_spacing(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    owner = Path(lay.lock_owner)
+    for text, mine in [
+        ('{"user":"a","deploy_id":"d1"}\n', True),
+        ('{"user": "a", "deploy_id": "d1"}\n', True),   # json.dumps' default spacing
+        ('{"user":"a","deploy_id":"d1"}', True),         # no trailing newline
+        ('{"user":"a","deploy_id":"d10"}\n', False),     # a longer id is someone else's
+        ('{"user":"a","note":"deploy_id d1"}\n', False),
+    ]:
+        owner.parent.mkdir(parents=True, exist_ok=True)
+        owner.write_text(text)
+        negated = sh(f"if ! {C._owner_is(lay, 'd1')}; then echo other; else echo mine; fi")
+        assert negated.stdout.strip() == ("mine" if mine else "other"), text
+        sh(C.release_lock(lay, "d1"))
+        assert owner.parent.exists() is not mine, text
+    assert sh(C.release_lock(lay, "d1")).returncode == 0  # no lock at all: nothing to do
+
+
+def test_history_append_without_mend_needs_no_tail(tmp_path):
+    # The success path's record step runs no `tail`: prove it with a PATH that has none.
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    Path(lay.history).write_text('{"event":"a"}\n')
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    script = C.append_history(lay, [{"event": "b"}], mend=False)
+    r = subprocess.run(["/bin/sh", "-c", script], env={"PATH": str(bare)},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert Path(lay.history).read_text() == '{"event":"a"}\n{"event":"b"}\n'
+
+
+def test_background_prune_runs_at_the_lowest_priority(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260101_000000")
+    seen = tmp_path / "niceness"
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    # An `rm` that notes its niceness (field 19 of /proc/self/stat), then removes for real.
+    (spy / "rm").write_text(f"#!/bin/sh\nawk '{{print $19}}' /proc/$$/stat > {seen}\n"
+                            'exec /bin/rm "$@"\n')
+    (spy / "rm").chmod(0o755)
+    script = C.remove_releases(lay, ["20260101_000000"], background=True)
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PATH": f"{spy}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr
+    for _ in range(100):
+        if seen.exists() and seen.read_text().strip() and not any(Path(lay.trash).iterdir()):
+            break
+        time.sleep(0.05)
+    assert seen.read_text().strip() == "19"
+    assert not any(Path(lay.trash).iterdir())
+
+
+def test_waiting_for_a_detached_step_reports_pending_then_its_result(tmp_path):
+    slot = tmp_path / "run" / "tok"
+    slot.mkdir(parents=True)
+    (slot / "pid").write_text(f"{os.getpid()}\n")  # a live process: the step "runs"
+    r = sh(C._wait_for_step(str(slot), 0))
+    assert r.returncode == C.RC_PENDING
+    started = time.monotonic()
+    r = sh(C._wait_for_step(str(slot), 2))
+    assert r.returncode == C.RC_PENDING
+    # The host clock counts whole seconds: 2 s asked is more than 1 s waited, never forever.
+    assert 0.9 < time.monotonic() - started < 10
+    (slot / "status").write_text("ok\n")
+    r = sh(C._wait_for_step(str(slot), 5))
+    assert r.returncode == 0
+    assert r.stdout.split() == ["@@switchover:status", "ok", "@@switchover:end"]
+    (slot / "log").write_text("hook said hi\n")
+    assert "hook said hi" in sh(C._wait_for_step(str(slot), 5)).stdout

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -44,15 +43,21 @@ def history_line(entry: Mapping[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=True, sort_keys=False, separators=(",", ":"))
 
 
-def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]]) -> str:
+def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]],
+                   mend: bool = True) -> str:
+    """Append entries to the host's history, one printf (one O_APPEND write) each.
+
+    A line torn by a crash or a full disk (no trailing newline) would swallow our entry, so
+    it is ended first (`mend`, a `tail` process). A caller that holds the lock and whose
+    every earlier append in this run succeeded passes mend=False: a printf that returned 0
+    wrote its whole line, and nobody else writes while the lock is held.
+    """
     entries = list(entries)
     if not entries:
         return ""
     h = q(layout.history)
-    # A line torn by a crash (no trailing newline) would swallow our entry: end it first.
-    # Then one printf per entry: each append is a single small O_APPEND write.
     return _lines(
-        f"if [ -s {h} ] && [ -n \"$(tail -c 1 {h})\" ]; then echo >> {h}; fi",
+        f"if [ -s {h} ] && [ -n \"$(tail -c 1 {h})\" ]; then echo >> {h}; fi" if mend else "",
         *(f"printf '%s\\n' {q(history_line(e))} >> {h}" for e in entries),
     )
 
@@ -403,8 +408,12 @@ def remove_releases(layout: Layout, releases: Iterable[str], background: bool = 
 def _empty_trash(layout: Layout) -> str:
     t = q(layout.trash)
     # Trash entries are release ids (no dotfiles): a glob finds them without an `ls`.
+    # Deleting a release is thousands of unlinks: at the lowest CPU and I/O priority it
+    # never competes with the live app (or with the rest of this deploy) for the host.
     return (f"for f in {t}/*; do if [ -e \"$f\" ]; then"
-            f" (cd / && nohup rm -rf {t}/* </dev/null >/dev/null 2>&1 &); break; fi; done")
+            " if command -v ionice >/dev/null 2>&1; then I='ionice -c 3'; else I=; fi;"
+            f" (cd / && nohup $I nice -n 19 rm -rf {t}/* </dev/null >/dev/null 2>&1 &);"
+            " break; fi; done")
 
 
 def check_prerequisites(layout: Layout, need_rsync: bool) -> str:
@@ -425,9 +434,14 @@ def _owner_is(layout: Layout, deploy_id: str | None) -> str:
     """A test that is true while the lock's owner.json names `deploy_id` (None: no owner)."""
     if deploy_id is None:
         return f"[ ! -e {q(layout.lock_owner)} ]"
-    # Deploy ids are hex (RunContext); anything else is escaped for the regex.
-    needle = '"deploy_id" *: *"' + re.escape(deploy_id) + '"'
-    return f"grep -qE {q(needle)} {q(layout.lock_owner)} 2>/dev/null"
+    # owner.json is one JSON line (`_write_owner`, compact; json.dumps' default spacing
+    # accepted too): the shell's `read` and a `case` match it without a grep process. The
+    # patterns are quoted, so they match as plain text.
+    value = json.dumps(deploy_id)
+    compact, spaced = q(f'"deploy_id":{value}'), q(f'"deploy_id": {value}')
+    # One compound command, so `! test` and `test && ...` negate and chain all of it.
+    return (f"{{ {{ o=; read -r o < {q(layout.lock_owner)} || [ -n \"$o\" ]; }} 2>/dev/null"
+            f" && case \"$o\" in *{compact}*|*{spaced}*) true;; *) false;; esac; }}")
 
 
 def heartbeat(layout: Layout, deploy_id: str) -> str:
@@ -498,14 +512,19 @@ def _wait_for_step(slot: str, seconds: float) -> str:
     """Wait (bounded) for a detached step's status file, then print its status and log.
 
     Most steps take milliseconds and processes cost on a busy fleet: the pid is read once
-    with the shell's `read`, and the clock (`date`) only every tenth round.
+    with the shell's `read`, the clock (`date`) only every tenth round, the log only if any.
     """
     limit = max(0, round(seconds))
-    first = "[ $i -eq 1 ] || " if limit == 0 else ""  # no wait asked: report at once
+    # No wait asked: report at once. Else the clock starts at the first check (round 10,
+    # ~0.1 s in): a `date` process only for steps that are not done by then.
+    clock = (f"exit {RC_PENDING}" if limit == 0 else
+             '  if [ $((i % 10)) -eq 0 ] || [ $i -gt 50 ]; then\n'
+             '    now=$(date +%s); [ -n "$end" ] || end=$((now + ' + str(limit) + '))\n'
+             f'    [ "$now" -ge "$end" ] && exit {RC_PENDING}\n'
+             "  fi")
     return _lines(
         f"D={q(slot)}",
-        f"end=$(( $(date +%s) + {limit} ))",
-        "n=0; i=0; pid=",
+        "n=0; i=0; pid=; end=",
         'while [ ! -f "$D/status" ]; do',
         '  if [ -z "$pid" ] && [ -f "$D/pid" ]; then read -r pid < "$D/pid" || pid=; fi',
         '  if [ -z "$pid" ]; then',
@@ -518,16 +537,14 @@ def _wait_for_step(slot: str, seconds: float) -> str:
         f"    echo 'the switch step died on the host without a result' >&2; exit {RC_STEP_DIED}",
         "  fi",
         "  i=$((i + 1))",
-        f'  if {first}[ $((i % 10)) -eq 0 ] || [ $i -gt 50 ]; then',
-        f'    [ "$(date +%s)" -ge "$end" ] && exit {RC_PENDING}',
-        "  fi",
+        clock,
         # Poll fast at first (most steps take milliseconds), then gently.
         "  if [ $i -le 50 ]; then t=0.01; else t=0.2; fi",
         '  sleep "$t" 2>/dev/null || sleep 1',
         "done",
         f"echo {q(SECTION + 'status')}",
         'read -r st < "$D/status"; printf \'%s\\n\' "$st"',  # one line: no `cat` process
-        'cat "$D/log" 2>/dev/null',
+        'if [ -s "$D/log" ]; then cat "$D/log"; fi',
         f"echo {q(SECTION + 'end')}",
     )
 
@@ -547,7 +564,9 @@ def switch_detached(layout: Layout, token: str, release: str,
     slot = _run_slot(layout, token)
     steps = [
         f"echo {q(SECTION + 'switch')}",
-        f"sh -c {q(switch(layout, release, entries))}",
+        # A subshell, not `sh -c`: the same isolation (its `set -e` and `exit` stay inside)
+        # without starting another shell.
+        f"(\n{switch(layout, release, entries)}\n)",
         'rc=$?; if [ "$rc" -ne 0 ]; then st "switch $rc"; exit 0; fi',
     ]
     for i, hook in enumerate(hooks):

@@ -491,7 +491,9 @@ class Deployer:
         if run.pruned:
             entries.append(self._entry("cleanup", run, message="removed " + " ".join(run.pruned),
                                        removed=run.pruned))
-        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id)
+        # This run's last append on the host was its `switched` line, written whole (the
+        # switch step fails otherwise) under the lock we still hold: nothing to mend.
+        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id, mend=False)
         run.locked = False
 
     def _unlock_all(self) -> None:
