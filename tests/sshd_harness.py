@@ -208,6 +208,7 @@ class SshFleet:
         quickack: bool = False,
         mount_parent: os.PathLike[str] | str = "/srv",
         user: str = "root",
+        sshd_options: Sequence[str] = (),
     ) -> None:
         if names is None:
             names = [f"web{i + 1}" for i in range(count)]
@@ -226,6 +227,7 @@ class SshFleet:
         self._routes: list[str] = []  # quickack routes we added (and must delete)
         self._mount_parent = Path(mount_parent)
         self._names = list(names)
+        self._sshd_options = list(sshd_options)  # sshd_config lines; they win over ours
 
         client_dir = self.base_dir / "client"
         self.identity_file: Path = client_dir / "id_ed25519"
@@ -524,6 +526,7 @@ class SshFleet:
     def _write_sshd_config(self, host: SshHost) -> None:
         pidfile = host._state_dir / "sshd.pid"
         lines = [
+            *self._sshd_options,  # sshd keeps the first value it reads for a keyword
             f"Port {host.port}",
             f"ListenAddress {host.address}",
             f"HostKey {_q(host.host_key)}",

@@ -291,20 +291,6 @@ def test_lock_owner_is_matched_in_our_compact_form_and_json_dumps_spacing(tmp_pa
     assert sh(C.release_lock(lay, "d1")).returncode == 0  # no lock at all: nothing to do
 
 
-def test_history_append_without_mend_needs_no_tail(tmp_path):
-    # The success path's record step runs no `tail`: prove it with a PATH that has none.
-    lay = Layout(str(tmp_path / "app"))
-    sh(C.make_layout(lay))
-    Path(lay.history).write_text('{"event":"a"}\n')
-    bare = tmp_path / "bin"
-    bare.mkdir()
-    script = C.append_history(lay, [{"event": "b"}], mend=False)
-    r = subprocess.run(["/bin/sh", "-c", script], env={"PATH": str(bare)},
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    assert Path(lay.history).read_text() == '{"event":"a"}\n{"event":"b"}\n'
-
-
 def test_background_prune_runs_at_the_lowest_priority(tmp_path):
     lay = Layout(str(tmp_path / "app"))
     sh(C.make_layout(lay))

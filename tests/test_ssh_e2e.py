@@ -197,3 +197,47 @@ def test_commands_fall_back_to_ssh_when_the_master_is_gone(master_transport):
     while os.listdir(master_transport._control_dir) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert master_transport.run("echo direct").stdout == "direct\n"
+
+
+@pytest.fixture(scope="module")
+def strict_fleet(make_ssh_fleet):
+    """One host allowing a single session per connection and accepting SWO_* variables."""
+    return make_ssh_fleet(1, sshd_options=["MaxSessions 1", "AcceptEnv SWO_*"])
+
+
+def _strict_transport(fleet, tmp_path) -> SshTransport:
+    # Our config sends SWO_SENT (only): the first command (ssh itself) and the later ones
+    # (sessions of the master) must pass the same variables.
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host *\n    SendEnv SWO_SENT\nInclude {fleet.ssh_config}\n")
+    config.chmod(0o600)
+    t = SshTransport(HostSpec(fleet.hosts[0].alias), SshOptions(ssh_config=config))
+    t.connect()
+    return t
+
+
+def test_commands_over_the_master_pass_the_environment_ssh_would(strict_fleet, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("SWO_SENT", "sent")
+    monkeypatch.setenv("SWO_KEPT", "not sent")
+    t = _strict_transport(strict_fleet, tmp_path)
+    try:
+        probe = 'echo "${SWO_SENT:-unset} ${SWO_KEPT:-unset}"'
+        assert t.run(probe).stdout == "sent unset\n"  # opens the master (ssh itself)
+        assert t.run(probe).stdout == "sent unset\n"  # a session of the master
+    finally:
+        t.close()
+
+
+def test_a_session_the_host_refuses_runs_over_a_connection_of_its_own(strict_fleet, tmp_path):
+    t = _strict_transport(strict_fleet, tmp_path)
+    try:
+        assert t.run("true").ok  # opens the master; its session ends with the command
+        busy = threading.Thread(target=t.run, args=("sleep 4",))
+        busy.start()  # holds the connection's one session
+        time.sleep(1)
+        r = t.run("echo ran")  # refused by the host: MaxSessions 1
+        busy.join()
+        assert r.stdout == "ran\n"
+    finally:
+        t.close()

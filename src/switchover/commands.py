@@ -43,21 +43,15 @@ def history_line(entry: Mapping[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=True, sort_keys=False, separators=(",", ":"))
 
 
-def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]],
-                   mend: bool = True) -> str:
-    """Append entries to the host's history, one printf (one O_APPEND write) each.
-
-    A line torn by a crash or a full disk (no trailing newline) would swallow our entry, so
-    it is ended first (`mend`, a `tail` process). A caller that holds the lock and whose
-    every earlier append in this run succeeded passes mend=False: a printf that returned 0
-    wrote its whole line, and nobody else writes while the lock is held.
-    """
+def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]]) -> str:
     entries = list(entries)
     if not entries:
         return ""
     h = q(layout.history)
+    # A line torn by a crash or a full disk (no trailing newline) would swallow our entry:
+    # end it first. Then one printf per entry: each append is a single small O_APPEND write.
     return _lines(
-        f"if [ -s {h} ] && [ -n \"$(tail -c 1 {h})\" ]; then echo >> {h}; fi" if mend else "",
+        f"if [ -s {h} ] && [ -n \"$(tail -c 1 {h})\" ]; then echo >> {h}; fi",
         *(f"printf '%s\\n' {q(history_line(e))} >> {h}" for e in entries),
     )
 
@@ -408,11 +402,12 @@ def remove_releases(layout: Layout, releases: Iterable[str], background: bool = 
 def _empty_trash(layout: Layout) -> str:
     t = q(layout.trash)
     # Trash entries are release ids (no dotfiles): a glob finds them without an `ls`.
-    # Deleting a release is thousands of unlinks: at the lowest CPU and I/O priority it
-    # never competes with the live app (or with the rest of this deploy) for the host.
+    # Deleting a release is thousands of unlinks: at the lowest CPU priority (and so the
+    # lowest best-effort I/O priority, which Linux derives from it) it does not compete
+    # with the live app, or with the rest of this deploy, for the host. Not the idle I/O
+    # class: on a busy disk that can starve the delete, and the space, for good.
     return (f"for f in {t}/*; do if [ -e \"$f\" ]; then"
-            " if command -v ionice >/dev/null 2>&1; then I='ionice -c 3'; else I=; fi;"
-            f" (cd / && nohup $I nice -n 19 rm -rf {t}/* </dev/null >/dev/null 2>&1 &);"
+            f" (cd / && nohup nice -n 19 rm -rf {t}/* </dev/null >/dev/null 2>&1 &);"
             " break; fi; done")
 
 
@@ -512,11 +507,12 @@ def _wait_for_step(slot: str, seconds: float) -> str:
     """Wait (bounded) for a detached step's status file, then print its status and log.
 
     Most steps take milliseconds and processes cost on a busy fleet: the pid is read once
-    with the shell's `read`, the clock (`date`) only every tenth round, the log only if any.
+    with the shell's `read`, and the clock (`date`) only every tenth round.
     """
     limit = max(0, round(seconds))
     # No wait asked: report at once. Else the clock starts at the first check (round 10,
-    # ~0.1 s in): a `date` process only for steps that are not done by then.
+    # ~0.1 s in): a `date` process only for steps that are not done by then. (Where `sleep`
+    # takes whole seconds only, that start is ~9 s late: the bound is looser, not gone.)
     clock = (f"exit {RC_PENDING}" if limit == 0 else
              '  if [ $((i % 10)) -eq 0 ] || [ $i -gt 50 ]; then\n'
              '    now=$(date +%s); [ -n "$end" ] || end=$((now + ' + str(limit) + '))\n'
@@ -544,7 +540,7 @@ def _wait_for_step(slot: str, seconds: float) -> str:
         "done",
         f"echo {q(SECTION + 'status')}",
         'read -r st < "$D/status"; printf \'%s\\n\' "$st"',  # one line: no `cat` process
-        'if [ -s "$D/log" ]; then cat "$D/log"; fi',
+        'cat "$D/log" 2>/dev/null',
         f"echo {q(SECTION + 'end')}",
     )
 

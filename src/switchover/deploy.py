@@ -491,9 +491,7 @@ class Deployer:
         if run.pruned:
             entries.append(self._entry("cleanup", run, message="removed " + " ".join(run.pruned),
                                        removed=run.pruned))
-        # This run's last append on the host was its `switched` line, written whole (the
-        # switch step fails otherwise) under the lock we still hold: nothing to mend.
-        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id, mend=False)
+        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id)
         run.locked = False
 
     def _unlock_all(self) -> None:

@@ -420,13 +420,12 @@ class HostOps:
             self._must(self.run(C.remove_releases(self.layout, ids)), "removing releases")
 
     def prune_and_record(self, releases: Iterable[str], entries: Iterable[Mapping[str, Any]],
-                         unlock: str | None = None, mend: bool = True) -> None:
+                         unlock: str | None = None) -> None:
         """After a good deploy, in one round trip: move pruned releases out of releases/
         (deleted in the background), append the history entries and, with `unlock` (our
-        deploy id), release the lock once they are written. `mend`: see
-        commands.append_history."""
+        deploy id), release the lock once they are written."""
         script = C.remove_releases(self.layout, list(releases), background=True)
-        script += C.append_history(self.layout, self._clean(entries), mend)
+        script += C.append_history(self.layout, self._clean(entries))
         if unlock is not None:
             pause("before_finish", self.name)
             self._stop_heartbeat()  # a beat after the unlock would find no lock: harmless

@@ -4,7 +4,8 @@ A command over an existing master normally costs an `ssh` process: ~9 ms of CPU 
 start, read its config and hand its stdio to the master. Asking the master directly for a
 session, with our pipes passed as file descriptors, costs none of that; the remote side
 (one session channel, the login shell, the exit status) is exactly what `ssh host cmd`
-gets. Closing our socket ends the session, as killing that `ssh` process would.
+gets (our environment is offered and the master forwards what its SendEnv allows). Closing
+our socket ends the session, as killing that `ssh` process would.
 """
 
 from __future__ import annotations
@@ -27,25 +28,38 @@ MUX_S_PERMISSION_DENIED = 0x80000002
 MUX_S_FAILURE = 0x80000003
 MUX_S_EXIT_MESSAGE = 0x80000004
 MUX_S_SESSION_OPENED = 0x80000006
-MUX_S_TTY_ALLOC_FAIL = 0x80000008
 NO_ESCAPE_CHAR = 0xFFFFFFFF
 
-# What `ssh` itself exits with when the session ends without an exit status (the link or
-# the master went away, or the remote command was killed by a signal).
-NO_EXIT_STATUS = 255
 
 
 class MuxUnavailable(Exception):
-    """The master could not be reached; nothing was asked of the host."""
+    """The master could not be reached or refused the session: the command did not run."""
+
+
+def master_socket(control_dir: str) -> str:
+    """The ControlPath socket in our private control dir (MuxUnavailable if there is none:
+    the master has not started, or it has exited and removed it)."""
+    try:
+        names = os.listdir(control_dir)
+    except OSError as e:
+        raise MuxUnavailable(str(e)) from e
+    if len(names) != 1:  # none yet, or the master is between its temp name and the real one
+        raise MuxUnavailable("no master socket")
+    return os.path.join(control_dir, names[0])
 
 
 def run_session(control_path: str, command: str, *, watch: StepWatch,
-                input: bytes | None = None) -> tuple[int, bytes, bytes]:
+                input: bytes | None = None) -> tuple[int | None, bytes, bytes]:
     """Run `command` as `ssh host command` would, in a new session of the master at
-    control_path: (exit status, stdout, stderr). The status is 255 when the session ended
-    without one, as with `ssh`. MuxUnavailable if the master cannot be reached at all
-    (the caller may fall back to starting `ssh`); `watch` ends the session when the step
-    is aborted or times out (its exception propagates)."""
+    control_path: (exit status, stdout, stderr); the status is None when the session ended
+    without one (the link or the master went away, or a signal killed the remote shell:
+    `ssh` exits 255 then). MuxUnavailable when the master cannot be reached or refuses the
+    session (the host's MaxSessions, say): the command did not run, and the caller may
+    run it with `ssh` instead. `watch` ends the session when the step is aborted or times
+    out (its exception propagates).
+
+    Our environment goes with the request and the master forwards what its SendEnv allows,
+    as `ssh` would with the same config."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     fds: list[int] = []
     try:
@@ -58,26 +72,23 @@ def run_session(control_path: str, command: str, *, watch: StepWatch,
                 raise ValueError("no hello from the master")
         except (OSError, ValueError, struct.error) as e:
             raise MuxUnavailable(str(e)) from e
-        # From here on the host may run the command: a failure is a lost session, never a
-        # reason to run it again another way.
-        stdin_r, stdin_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        fds += [stdin_r, stdin_w, out_r, out_w, err_r, err_w]
+        for _ in range(3):
+            fds.extend(os.pipe())
+        stdin_r, stdin_w, out_r, out_w, err_r, err_w = fds
+        env = b"".join(_string(os.fsencode(f"{k}={v}")) for k, v in os.environ.items())
         try:
             _send(sock, struct.pack(">II", MUX_C_NEW_SESSION, 1) + _string(b"")
                   + struct.pack(">IIIII", 0, 0, 0, 0, NO_ESCAPE_CHAR)
-                  + _string(b"") + _string(os.fsencode(command)))
+                  + _string(b"") + _string(os.fsencode(command)) + env)
             for fd in (stdin_r, out_w, err_w):  # one descriptor per message, in this order
                 socket.send_fds(sock, [b"\0"], [fd])
-        except OSError:
-            return NO_EXIT_STATUS, b"", b""
+        except OSError as e:  # the master went away before it could open the session
+            raise MuxUnavailable(str(e)) from e
         for fd in (stdin_r, out_w, err_w):  # the master holds its own copies now
             _close(fds, fd)
         if input:
-            feeder = threading.Thread(target=_feed, args=(stdin_w, input), daemon=True)
+            threading.Thread(target=_feed, args=(stdin_w, input), daemon=True).start()
             fds.remove(stdin_w)  # the feeder closes it
-            feeder.start()
         else:
             _close(fds, stdin_w)
         return _collect(sock, out_r, err_r, watch)
@@ -89,7 +100,7 @@ def run_session(control_path: str, command: str, *, watch: StepWatch,
 
 
 def _collect(sock: socket.socket, out_r: int, err_r: int,
-             watch: StepWatch) -> tuple[int, bytes, bytes]:
+             watch: StepWatch) -> tuple[int | None, bytes, bytes]:
     """Read the session's output and the master's messages until both pipes end and the
     exit status came (or the master hung up)."""
     sock.setblocking(False)
@@ -103,60 +114,60 @@ def _collect(sock: socket.socket, out_r: int, err_r: int,
         sel.register(sock, selectors.EVENT_READ)
         while len(sel.get_map()) > 0:
             for key, _ in sel.select(timeout=watch.next_wait()):
-                if key.fileobj is sock:
-                    try:
-                        data = sock.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        data = b""
-                    if not data:
-                        sel.unregister(sock)
-                        if not opened:  # refused (e.g. the host's MaxSessions): no output
-                            return NO_EXIT_STATUS, b"", b""
-                        continue
-                    pending += data
-                    while len(pending) >= 4:
-                        (size,) = struct.unpack(">I", pending[:4])
-                        if len(pending) < 4 + size:
-                            break
-                        packet, pending = pending[4:4 + size], pending[4 + size:]
-                        (kind,) = struct.unpack(">I", packet[:4])
-                        if kind == MUX_S_SESSION_OPENED:
-                            opened = True
-                        elif kind in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
-                            return NO_EXIT_STATUS, b"", _reason(packet)
-                        elif kind == MUX_S_EXIT_MESSAGE:
-                            status = struct.unpack(">I", packet[8:12])[0]
+                if key.fileobj is not sock:
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        chunks[key.fd].append(data)
+                    else:
+                        sel.unregister(key.fd)
                     continue
-                fd = key.fd
-                data = os.read(fd, 65536)
-                if data:
-                    chunks[fd].append(data)
-                else:
-                    sel.unregister(fd)
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(sock)
+                    if not opened:
+                        # Hung up before answering: whether the host ran the command is
+                        # unknown, so it is not run again. A lost session, as with `ssh`.
+                        return None, b"", b""
+                    continue
+                pending += data
+                while len(pending) >= 4:
+                    (size,) = struct.unpack(">I", pending[:4])
+                    if len(pending) < 4 + size:
+                        break
+                    packet, pending = pending[4:4 + size], pending[4 + size:]
+                    (kind,) = struct.unpack(">I", packet[:4])
+                    if kind == MUX_S_SESSION_OPENED:
+                        opened = True
+                    elif kind in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
+                        raise MuxUnavailable(_reason(packet))
+                    elif kind == MUX_S_EXIT_MESSAGE:
+                        status = struct.unpack(">I", packet[8:12])[0]
             # The master sends the exit status before it closes our pipes; once they are
             # closed too the session is over, whether or not the socket is.
             if status is not None and out_r not in sel.get_map() and err_r not in sel.get_map():
                 break
-    code = NO_EXIT_STATUS if status is None else status
-    return code, b"".join(chunks[out_r]), b"".join(chunks[err_r])
+    return status, b"".join(chunks[out_r]), b"".join(chunks[err_r])
 
 
 def terminate_master(control_dir: str) -> bool:
     """Ask the ssh master in our private control dir to exit, as `ssh -O exit` does.
     False if that could not be done (the caller falls back to `ssh -O exit`)."""
     try:
-        (name,) = os.listdir(control_dir)
+        path = master_socket(control_dir)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
-            sock.connect(os.path.join(control_dir, name))
+            sock.connect(path)
             _send(sock, struct.pack(">II", MUX_HELLO, MUX_VERSION))
             _read_packet(sock)  # the master's hello (and any extensions: ignored)
             _send(sock, struct.pack(">II", MUX_C_TERMINATE, 1))
             # OpenSSH 9 hangs up as it exits; others answer MUX_S_OK first.
             reply = sock.recv(12)
-    except (OSError, ValueError, struct.error):
+    except (MuxUnavailable, OSError, ValueError, struct.error):
         return False
     return reply == b"" or reply[4:12] == struct.pack(">II", MUX_S_OK, 1)
 
@@ -169,12 +180,13 @@ def _send(sock: socket.socket, body: bytes) -> None:
     sock.sendall(struct.pack(">I", len(body)) + body)
 
 
-def _reason(packet: bytes) -> bytes:
+def _reason(packet: bytes) -> str:
     """The message of a MUX_S_FAILURE / PERMISSION_DENIED: type, request id, string."""
     with contextlib.suppress(struct.error):
         (size,) = struct.unpack(">I", packet[8:12])
-        return b"shared connection refused the session: " + packet[12:12 + size] + b"\n"
-    return b"shared connection refused the session\n"
+        return "the master refused the session: " + packet[12:12 + size].decode(
+            "utf-8", "replace")
+    return "the master refused the session"
 
 
 def _read_packet(sock: socket.socket) -> bytes:

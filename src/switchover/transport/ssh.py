@@ -30,7 +30,12 @@ from switchover.transport.base import (
     rsync_failure,
     run_process,
 )
-from switchover.transport.mux import MuxUnavailable, run_session, terminate_master
+from switchover.transport.mux import (
+    MuxUnavailable,
+    master_socket,
+    run_session,
+    terminate_master,
+)
 from switchover.transport.progress import (
     ProgressCallback,
     run_rsync,
@@ -189,16 +194,12 @@ class SshTransport:
     def _run_over_master(self, command: str, timeout: float | None,
                          input: bytes | None) -> Result:
         """Run over our master's socket, without an `ssh` process (see mux.py)."""
-        names = os.listdir(self._control_dir)
-        if len(names) != 1:
-            raise MuxUnavailable("no master socket")
-        (name,) = names
         watch = StepWatch(timeout, self.host.name, "remote command", self.abort)
-        rc, out, err = run_session(os.path.join(self._control_dir, name), command,
-                                   watch=watch, input=input)
-        if rc == SSH_CONNECTION_FAILED:
-            reason = _text(err).strip() or "the shared ssh connection closed mid-command"
-            raise ConnectionLost(f"connection lost: {reason}", host=self.host.name)
+        rc, out, err = run_session(master_socket(self._control_dir), command, watch=watch,
+                                   input=input)
+        if rc is None:  # what `ssh` reports as exit 255
+            raise ConnectionLost("connection lost: the session ended without an exit status",
+                                 host=self.host.name)
         return Result(rc, _text(out), _text(err))
 
     def _run_as_master(self, command: str, timeout: float | None,
