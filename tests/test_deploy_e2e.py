@@ -229,6 +229,34 @@ def test_manual_rollback_and_to(project: Project):
     assert project.current() == ids[2]
 
 
+def test_manual_rollback_runs_after_rollback_hooks_for_the_release_it_brings_back(
+        project: Project):
+    project.write_config(sections="""
+        [hooks]
+        after_rollback = ["echo restarted $SWITCHOVER_RELEASE; echo $SWITCHOVER_RELEASE > ../../up",
+                          "test ! -f ../../fail"]
+    """)
+    ids = []
+    for i in range(2):
+        (project.app / "index.html").write_text(f"v{i}\n")
+        project.ok("deploy", "test")
+        ids.append(project.current())
+    r = project.ok("-v", "rollback", "test")
+    assert f"restarted {ids[0]}" in r.stdout + r.stderr  # each hook's output, with -v
+    for host in project.target.hosts:
+        assert project.current(host) == ids[0]
+        assert (project.root(host) / "up").read_text() == f"{ids[0]}\n"
+    # A failing hook: the switch stands, the exit code says it needs attention (5).
+    for host in project.target.hosts:
+        (project.root(host) / "fail").write_text("")
+    r = project.run("rollback", "test", "--to", ids[1])
+    assert r.returncode == 5, r.stderr
+    assert "after_rollback hook failed" in r.stderr and "test ! -f ../../fail" in r.stderr
+    for host in project.target.hosts:
+        assert project.current(host) == ids[1]
+        assert (project.root(host) / "up").read_text() == f"{ids[1]}\n"
+
+
 def test_rollback_to_bad_targets_is_refused(project: Project):
     project.ok("deploy", "test")
     good = project.current()

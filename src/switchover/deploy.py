@@ -42,7 +42,7 @@ from switchover.output import Reporter, human_size
 from switchover.releases import analyze, choose_release_id, new_release_id, select_prune
 from switchover.secrets import SECRETS_FILE, Secrets
 from switchover.secrets import upload as upload_secrets
-from switchover.session import hook_environment, run_hooks
+from switchover.session import hook_environment, report_step_hooks, run_hooks
 from switchover.strategy import plan_batches
 from switchover.transport import SyncStats
 
@@ -386,12 +386,9 @@ class Deployer:
             raise SwitchoverError(f"switch failed: {step.message}", host=run.name)
         run.switched = True
         self.out.step(run.name, f"switched current to release {release}")
-        for i, hook in enumerate(hooks[: step.hooks_run]):
-            self.out.step(run.name, f"after_switch: {hook}")
-            self.out.detail(run.name, step.output(i))
-        if step.failed_hook is not None:
-            raise HookFailed(f"after_switch hook failed (exit {step.rc}): "
-                             f"{hooks[step.failed_hook]}: {step.message}", host=run.name)
+        failure = report_step_hooks(run.ops, self.out, "after_switch", hooks, step)
+        if failure is not None:
+            raise HookFailed(failure, host=run.name)
         self._health(run)
         run.ops.checkpoint("after_health")
 
@@ -458,19 +455,31 @@ class Deployer:
         if target is not None:
             entries.append(self._entry("rolled_back", run, release=target, previous=release,
                                        message=f"automatic rollback: {reason}"))
-        try:
-            run.ops.switch(target, entries)
-        except SwitchoverError as e:
-            raise RollbackFailed(f"rollback to {target or '(nothing)'} failed: {e.message}",
-                                 host=run.name) from None
         if target is None:
+            try:
+                run.ops.switch(None, entries)
+            except SwitchoverError as e:
+                raise RollbackFailed(f"rollback to (nothing) failed: {e.message}",
+                                     host=run.name) from None
             self.out.bad(run.name, "no previous release to roll back to: current removed")
             return
-        self.out.step(run.name, f"rolled back to release {target}")
+        hooks = list(self.env.hooks.after_rollback)
+        # Like the deploy's switch: the switch back and its restart are ONE detached step,
+        # so a dying client or link cannot leave the old release live without its restart.
         try:
-            self._run_hooks(run, "after_rollback", self.env.hooks.after_rollback, target)
-        except (SwitchoverError, Interrupted) as e:
-            raise RollbackFailed(f"rolled back to {target}, but {e}", host=run.name) from None
+            step = run.ops.switch_with_hooks(target, entries, hooks,
+                                             self._env_for(run, target), self.env.timeout,
+                                             token=self.ctx.deploy_id, rollback=True)
+        except SwitchoverError as e:
+            raise RollbackFailed(f"rollback to {target} failed: {e.message}",
+                                 host=run.name) from None
+        if not step.switched:
+            raise RollbackFailed(f"rollback to {target} failed: switch failed: {step.message}",
+                                 host=run.name)
+        self.out.step(run.name, f"rolled back to release {target}")
+        failure = report_step_hooks(run.ops, self.out, "after_rollback", hooks, step)
+        if failure is not None:
+            raise RollbackFailed(f"rolled back to {target}, but {failure}", host=run.name)
 
     def _abort_staged(self, run: HostRun, reason: str) -> None:
         """Undo a stage that never reached the switch: remove the upload, record why."""

@@ -9,7 +9,8 @@ It is a test hook only: nothing in normal operation sets these variables.
 
 Steps, in deploy order: after_lock, after_begin, after_upload, after_finalize, before_switch,
 during_switch (the detached switch step runs on the host), after_hooks, after_health,
-before_rollback_switch, before_finish (success recorded + unlocked in one round trip),
+before_rollback_switch, during_rollback (the detached rollback step runs on the host),
+after_rollback_hooks, before_finish (success recorded + unlocked in one round trip),
 before_unlock (the unlock on every other way out).
 """
 

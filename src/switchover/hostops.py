@@ -404,7 +404,8 @@ class HostOps:
         return Result(r.rc, self.redact(r.stdout), self.redact(r.stderr))
 
     def switch(self, release: str | None, entries: Iterable[Mapping[str, Any]]) -> None:
-        """Point `current` at a release (rollbacks; a deploy uses `switch_with_hooks`)."""
+        """Point `current` at a release, no hooks (`release=None`: remove it; with hooks,
+        `switch_with_hooks`)."""
         pause("before_rollback_switch", self.name)
         r = self.run(C.switch(self.layout, release, self._clean(entries)))
         if r.rc != 0:
@@ -445,21 +446,25 @@ class HostOps:
 
     def switch_with_hooks(self, release: str, entries: Iterable[Mapping[str, Any]],
                           hooks: Sequence[str], env: Mapping[str, str],
-                          timeout: float | None, token: str) -> SwitchStep:
-        """Switch and run the after_switch hooks as ONE detached step on the host, and wait.
+                          timeout: float | None, token: str,
+                          rollback: bool = False) -> SwitchStep:
+        """Switch and run the hooks (after_switch, or after_rollback with `rollback`) as ONE
+        detached step on the host, and wait.
 
         The host finishes the step even if this connection drops or this process dies (see
-        commands.switch_detached); we wait for its result in bounded rounds, reconnecting
-        if the link drops. A launch that never reached the host is started again once.
+        commands.switch_detached): a release is never left live without its restart. We
+        wait for its result in bounded rounds, reconnecting if the link drops. A launch
+        that never reached the host is started again once.
         """
-        pause("before_switch", self.name)
+        before, during, after = STEP_PAUSES[rollback]
+        pause(before, self.name)
         hooks = list(hooks)
         per_hook = (timeout or self.timeout) + 10
         limit = 60 + len(hooks) * per_hook
         deadline = time.monotonic() + limit
         slot = f"{token}-{release}"
         # The fault-injection hook pauses between launch and wait: launch without waiting.
-        first_wait = 0.0 if pausing("during_switch") else WAIT_ROUND
+        first_wait = 0.0 if pausing(during) else WAIT_ROUND
         launch = True
         relaunched = False
         reconnects = 0
@@ -492,7 +497,7 @@ class HostOps:
             was_launch, launch = launch, False
             if r.rc == C.RC_PENDING:
                 if was_launch:
-                    pause("during_switch", self.name)
+                    pause(during, self.name)
                 if time.monotonic() >= deadline:
                     with contextlib.suppress(SwitchoverError):
                         self.run(C.kill_detached(self.layout, slot), timeout=30)
@@ -502,7 +507,7 @@ class HostOps:
             if r.rc != 0:
                 raise HostError(f"switch step failed: {r.message}", host=self.name)
             step = SwitchStep.parse(self.redact(r.stdout))
-            pause("after_hooks", self.name)
+            pause(after, self.name)
             return step
 
     def checkpoint(self, step: str) -> None:
@@ -541,6 +546,10 @@ UPLOAD_ATTEMPTS = 3  # an upload cut off by the network is retried, resuming par
 RETRY_BACKOFF = 1.0  # seconds before the first retry, doubled for each further one
 WAIT_ROUND = 20.0  # seconds one remote wait for the detached switch step may block
 SWITCH_RECONNECTS = 3
+# Fault-injection points (faults.py) of the detached step: before, during, after; a
+# deploy's switch (False) and a rollback (True).
+STEP_PAUSES = {False: ("before_switch", "during_switch", "after_hooks"),
+               True: ("before_rollback_switch", "during_rollback", "after_rollback_hooks")}
 
 
 def _digest(lines: Sequence[str]) -> str | None:

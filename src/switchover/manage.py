@@ -22,7 +22,7 @@ from switchover.fanout import Outcome, fan_out
 from switchover.hostops import HostOps, HostState, describe_owner
 from switchover.output import Reporter
 from switchover.releases import is_release_id, select_prune
-from switchover.session import hook_environment, run_hooks
+from switchover.session import hook_environment, report_step_hooks
 
 T = TypeVar("T")
 
@@ -221,18 +221,21 @@ def rollback(env: Environment, hosts: Sequence[HostOps], ctx: RunContext, out: R
         target, live = plans[h.name]
         entry = ctx.entry("rollback", h.name, release=target, previous=live,
                           message=f"manual rollback from {live}")
+        hooks = list(env.hooks.after_rollback)
+        env_vars = hook_environment(env, h.name, target, h.layout.release(target), live)
+        # The switch and the after_rollback restart are ONE detached step on the host (as a
+        # deploy's switch is): a dropped link cannot leave it switched but not restarted.
         try:
-            h.switch(target, [entry])
+            step = h.switch_with_hooks(target, [entry], hooks, env_vars, env.timeout,
+                                       token=ctx.deploy_id, rollback=True)
         except SwitchoverError as e:
             raise RollbackFailed(e.message, host=h.name) from None
+        if not step.switched:
+            raise RollbackFailed(f"switch failed: {step.message}", host=h.name)
         out.step(h.name, f"rolled back: current -> {target} (was {live})")
-        env_vars = hook_environment(env, h.name, target, h.layout.release(target), live)
-        failed = run_hooks(h, out, "after_rollback", env.hooks.after_rollback, target,
-                           env_vars, env.timeout)
-        if failed is not None:
-            hook, r = failed
-            raise RollbackFailed(f"switched to {target}, but after_rollback hook failed "
-                                 f"(exit {r.rc}): {hook}: {r.message}", host=h.name)
+        failure = report_step_hooks(h, out, "after_rollback", hooks, step)
+        if failure is not None:
+            raise RollbackFailed(f"switched to {target}, but {failure}", host=h.name)
         return {"host": h.name, "release": target, "previous": live}
 
     def check(h: HostOps, st: HostState) -> None:

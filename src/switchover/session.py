@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from switchover.config import Environment
-from switchover.hostops import HostOps
+from switchover.hostops import HostOps, SwitchStep
 from switchover.hosts import LOCAL
 from switchover.layout import Layout
 from switchover.locks import LockPolicy
@@ -61,3 +61,16 @@ def run_hooks(ops: HostOps, out: Reporter, stage: str, hooks: Sequence[str], rel
         if not r.ok:
             return hook, r
     return None
+
+
+def report_step_hooks(ops: HostOps, out: Reporter, stage: str, hooks: Sequence[str],
+                      step: SwitchStep) -> str | None:
+    """Show what each hook of a detached switch step printed; return why one failed (None
+    if none did)."""
+    for i, hook in enumerate(hooks[: step.hooks_run]):
+        out.step(ops.name, f"{stage}: {hook}")
+        out.detail(ops.name, step.output(i))
+    if step.failed_hook is None:
+        return None
+    return (f"{stage} hook failed (exit {step.rc}): {hooks[step.failed_hook]}: "
+            f"{step.message}")

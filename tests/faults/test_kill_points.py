@@ -29,6 +29,7 @@ POINTS = [
     ("after_hooks", "new"),
     ("after_health", "new"),
     ("before_rollback_switch", "new"),  # a failed check, killed before the rollback
+    ("during_rollback", "old"),  # the host finishes the rollback + after_rollback alone
     ("before_finish", "new"),  # healthy; killed before recording success (+ unlock)
 ]
 # Locally every step runs through the same code but sh instead of ssh: a cheap subset.
@@ -40,7 +41,9 @@ _version = itertools.count(2)
 HOOKS = """
 [hooks]
 after_switch = ["{sleep}echo $SWITCHOVER_RELEASE > ../../restarted"]
+after_rollback = ["{sleep}echo $SWITCHOVER_RELEASE > ../../restarted"]
 """
+DETACHED = {"during_switch", "during_rollback"}  # the host runs these steps by itself
 
 
 def _make(tmp: Path, target_of) -> Iterator[Project]:
@@ -70,9 +73,9 @@ def _kill_at(p: Project, step: str, where: str) -> None:
     check_invariants(p, old)
     n = next(_version)
     (p.app / "index.html").write_text(f"v{n}\n")
-    p.write_config(sections=HOOKS.format(sleep="sleep 0.5; " if step == "during_switch" else ""))
+    p.write_config(sections=HOOKS.format(sleep="sleep 0.5; " if step in DETACHED else ""))
     args = ["deploy", "test"]
-    if step == "before_rollback_switch":
+    if "rollback" in step:
         args += ["--check", "test -f no-such-file"]
     client = Client(p, *args, pause_at=step)
     client.wait_paused(hosts=len(p.target.hosts))  # every host at that step, none beyond
@@ -82,17 +85,20 @@ def _kill_at(p: Project, step: str, where: str) -> None:
     assert len(dead) == 1, owners  # the killed client holds every host's lock
 
     hosts = p.target.hosts
-    if step == "during_switch":
+    if step in DETACHED:
         # The detached step finishes on the host though its client is gone: switch + restart.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(
                 (p.root(h) / "restarted").exists()
                 and (p.root(h) / "restarted").read_text().strip() == p.current(h)
-                and p.current(h) != old[h] for h in hosts):
+                and (p.current(h) == old[h]) == (where == "old") for h in hosts):
             time.sleep(0.05)
         time.sleep(0.2)  # the step writes its result just after the hook
     if where == "old":
         check_invariants(p, old)
+        if step == "during_rollback":  # the old release's restart ran after it came back
+            for h in hosts:
+                assert (p.root(h) / "restarted").read_text().strip() == old[h]
     else:
         new = {h: p.current(h) for h in hosts}
         check_invariants(p, None)
@@ -116,7 +122,10 @@ def _kill_at(p: Project, step: str, where: str) -> None:
         if began is not None:
             assert ("deploy_started" in mine) == began, (h, mine)
         ended = {"deploy_succeeded", "deploy_failed"} & set(mine)
-        assert not ended, (h, mine)
+        if step == "during_rollback":  # the step that finished on the host records its end
+            assert ended == {"deploy_failed"} and "rolled_back" in mine, (h, mine)
+        else:
+            assert not ended, (h, mine)
     if step in STATUS_POINTS:
         hist = p.json("history", "test")
         started = [e for e in hist if e["event"] == "deploy_started" and e["deploy_id"] in dead]
