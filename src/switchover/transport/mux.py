@@ -31,7 +31,6 @@ MUX_S_SESSION_OPENED = 0x80000006
 NO_ESCAPE_CHAR = 0xFFFFFFFF
 
 
-
 class MuxUnavailable(Exception):
     """The master could not be reached or refused the session: the command did not run."""
 
