@@ -167,7 +167,15 @@ def test_hosts_upload_while_a_slow_host_is_still_taking_its_lock(fp: Project):
     """Pipelined prepare/stage: a host that holds its lock uploads at once; the release id
     is fixed, and anything finalized, only once every host holds its lock."""
     fp.ok("deploy", "test")
+    first = same_release_everywhere(fp)
     (fp.app / "index.html").write_text("v2\n")
+    # The id a deploy proposes comes from this machine's clock (whole seconds, UTC): in the
+    # second the first deploy was named in it is not fresh, and nobody uploads before every
+    # host holds its lock. Start in a later second (bounded wait).
+    deadline = time.monotonic() + 3
+    while time.strftime("%Y%m%d_%H%M%S", time.gmtime()) <= first[:15] \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     client = Client(fp, "deploy", "test", pause_at="after_lock@web5",
                     env={"SWITCHOVER_TEST_PAUSE_SECONDS": "5"})
     client.wait_paused()
