@@ -34,6 +34,7 @@ from switchover.errors import (
     LockedError,
     RollbackFailed,
     SwitchoverError,
+    as_error,
 )
 from switchover.fanout import fan_out
 from switchover.health import CheckOutcome, expand_url, fetch_url, with_retries
@@ -77,11 +78,7 @@ class HostRun:
         return self.begun_id is not None
 
     def fail(self, error: BaseException) -> None:
-        self.error = error if isinstance(error, SwitchoverError) else SwitchoverError(
-            f"{type(error).__name__}: {error}", host=self.name
-        )
-        if self.error.host is None:
-            self.error.host = self.name
+        self.error = as_error(error, self.name)
 
     def summary(self) -> dict[str, Any]:
         return {

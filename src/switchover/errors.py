@@ -47,6 +47,17 @@ class SwitchoverError(Exception):
         return prefix + self.message
 
 
+def as_error(error: BaseException, host: str | None = None,
+             kind: type[SwitchoverError] = SwitchoverError) -> SwitchoverError:
+    """Any exception as a SwitchoverError (message, exit code) naming `host` if it names
+    none: ours as they are, anything else (a bug, an OSError) wrapped in `kind`."""
+    err = error if isinstance(error, SwitchoverError) else kind(
+        f"{type(error).__name__}: {error}", host=host)
+    if err.host is None:
+        err.host = host
+    return err
+
+
 class ConfigError(SwitchoverError):
     code = ExitCode.USAGE
 

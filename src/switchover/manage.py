@@ -12,11 +12,11 @@ from switchover.config import Environment
 from switchover.context import RunContext
 from switchover.errors import (
     DeployFailed,
-    ExitCode,
     HostError,
     RollbackFailed,
     SwitchoverError,
     UsageError,
+    as_error,
 )
 from switchover.fanout import Outcome, fan_out
 from switchover.hostops import HostOps, HostState, describe_owner
@@ -50,15 +50,12 @@ def _on_hosts(hosts: Sequence[HostOps], env: Environment,
 
 
 def _worst(errors: Sequence[BaseException | None]) -> int:
-    codes = [e.code if isinstance(e, SwitchoverError) else ExitCode.DEPLOY_FAILED
-             for e in errors if e is not None]
+    codes = [as_error(e).code for e in errors if e is not None]
     return int(max(codes)) if codes else 0
 
 
 def _error_text(e: BaseException | None) -> str | None:
-    if e is None:
-        return None
-    return e.message if isinstance(e, SwitchoverError) else str(e)
+    return None if e is None else as_error(e).message
 
 
 # -- read-only views ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from switchover.artifact import Artifact, prepare
 from switchover.config import Environment
-from switchover.errors import ArtifactError, HostError, LockedError, SwitchoverError
+from switchover.errors import ArtifactError, HostError, LockedError, SwitchoverError, as_error
 from switchover.fanout import fan_out
 from switchover.health import expand_url
 from switchover.hostops import HostOps, HostState, describe_owner
@@ -68,12 +68,9 @@ def read_hosts(env: Environment, hosts: Sequence[HostOps], artifact: Artifact,
         if o.value is not None:
             views.append(o.value)
         else:
-            e = o.error
-            err = e if isinstance(e, SwitchoverError) else HostError(
-                f"{type(e).__name__}: {e}", host=h.name)
-            if err.host is None:
-                err.host = h.name
-            views.append(err)
+            assert o.error is not None
+            # Anything unexpected here kept us from reading the host: unreachable (3).
+            views.append(as_error(o.error, h.name, HostError))
     return views
 
 

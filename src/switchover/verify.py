@@ -11,7 +11,7 @@ from typing import Any
 
 from switchover import manifest as M
 from switchover.config import Environment
-from switchover.errors import ExitCode, SwitchoverError
+from switchover.errors import ExitCode, as_error
 from switchover.fanout import fan_out
 from switchover.hostops import HostOps
 from switchover.manage import CommandResult
@@ -43,11 +43,11 @@ def verify(env: Environment, hosts: Sequence[HostOps], out: Reporter,
     codes = [0]
     for h, o in zip(hosts, outcomes, strict=True):
         if o.value is None:
-            e = o.error
-            code = e.code if isinstance(e, SwitchoverError) else ExitCode.DEPLOY_FAILED
+            assert o.error is not None
+            err = as_error(o.error)
             # An unreachable host is exit 3; a host we reached but could not verify is 1.
-            codes.append(int(code) if code == ExitCode.UNREACHABLE else 1)
-            text = e.message if isinstance(e, SwitchoverError) else str(e)
+            codes.append(int(err.code) if err.code == ExitCode.UNREACHABLE else 1)
+            text = err.message
             rows.append({"host": h.name, "status": "error", "error": text})
             out.bad(h.name, text)
             continue

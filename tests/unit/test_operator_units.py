@@ -188,3 +188,17 @@ def test_prune_logs_keeps_the_newest(tmp_path: Path):
     prune_logs(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "20260103-000000-deploy.log", "20260104-000000-deploy.log", "notes.txt"]
+
+
+def test_as_error_keeps_ours_names_the_host_and_wraps_the_rest():
+    from switchover.errors import ExitCode, HostError, LockedError, SwitchoverError, as_error
+
+    ours = LockedError("held by alice")
+    assert as_error(ours, "web1") is ours and ours.host == "web1"
+    named = LockedError("held", host="web2")
+    assert as_error(named, "web1").host == "web2"  # a host it names already stays
+    bug = as_error(KeyError("x"), "web3")
+    assert type(bug) is SwitchoverError and bug.code == ExitCode.DEPLOY_FAILED
+    assert bug.message == "KeyError: 'x'" and str(bug) == "web3: KeyError: 'x'"
+    missing = as_error(FileNotFoundError("ssh"), "web4", HostError)
+    assert missing.code == ExitCode.UNREACHABLE
