@@ -331,3 +331,47 @@ def test_waiting_for_a_detached_step_reports_pending_then_its_result(tmp_path):
     assert r.stdout.split() == ["@@switchover:status", "ok", "@@switchover:end"]
     (slot / "log").write_text("hook said hi\n")
     assert "hook said hi" in sh(C._wait_for_step(str(slot), 5)).stdout
+
+
+def test_state_read_sends_the_history_lines_decisions_need_not_the_whole_file(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    kept, live = "20250101_000000", "20260101_000000"
+    for rid in (kept, live):
+        make_release(lay, rid)
+    assert sh(C.switch(lay, live, [])).returncode == 0
+    staged = Path(lay.staging("20260102_000000"))
+    staged.mkdir(parents=True)
+    lines = [{"event": "deploy_succeeded", "release": kept},  # old, about a kept release
+             {"event": "deploy_succeeded", "release": "20250101_000000_02"}]  # similar id
+    # thousands of lines about releases long gone, then the live one's and the newest
+    lines += [{"event": "deploy_succeeded", "release": f"2024{i:04d}_000000"}
+              for i in range(3000)]
+    lines += [{"event": "deploy_started", "release": "20260102_000000"},  # still staging
+              {"event": "deploy_succeeded", "release": live}]
+    lines += [{"event": "unlock", "release": None, "n": i} for i in range(C.RECENT_HISTORY)]
+    Path(lay.history).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    # the lines naming a release on disk or in staging, then the newest RECENT_HISTORY
+    assert state.history == [lines[0], lines[-C.RECENT_HISTORY - 2],
+                             lines[-C.RECENT_HISTORY - 1], *lines[-C.RECENT_HISTORY:]]
+    assert state.states().previous == kept  # the rollback target, known from an old line
+    full = parse_state(sh(C.dump_state(lay, full_history=True)).stdout)
+    assert full.history == lines[-C.HISTORY_TAIL:]
+    # a short history comes whole, torn last line and all
+    Path(lay.history).write_text(json.dumps(lines[0]) + '\n{"torn": ')
+    assert parse_state(sh(C.dump_state(lay)).stdout).history == [lines[0]]
+
+
+def test_begin_never_reuses_an_id_the_history_names(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    rid = "20260101_000000"
+    Path(lay.history).write_text(C.history_line({"event": "deploy_failed", "release": rid})
+                                 + "\n")  # a release since removed
+    r = sh(C.begin(lay, rid, {"event": "deploy_started", "release": rid}))
+    assert r.returncode == C.RC_RELEASE_EXISTS and "used before" in r.stderr
+    assert not Path(lay.staging(rid)).exists()
+    other = "20260101_000000_02"  # an id the history does not name is fine
+    assert sh(C.begin(lay, other, {"event": "deploy_started", "release": other})).returncode == 0
+    assert Path(lay.staging(other)).is_dir()

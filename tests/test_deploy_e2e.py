@@ -257,6 +257,31 @@ def test_manual_rollback_runs_after_rollback_hooks_for_the_release_it_brings_bac
         assert (project.root(host) / "up").read_text() == f"{ids[1]}\n"
 
 
+def test_a_long_history_still_gives_the_rollback_target_and_the_history(project: Project):
+    ids = []
+    for i in range(2):
+        (project.app / "index.html").write_text(f"v{i}\n")
+        project.ok("deploy", "test")
+        ids.append(project.current())
+    # Months of other entries since: the state read sends only the lines naming a release
+    # on disk and the newest ones, and decisions come out the same.
+    filler = "".join(json.dumps({"time": "2026-06-01T00:00:00Z", "event": "unlock",
+                                 "release": None, "n": i}) + "\n" for i in range(3000))
+    for host in project.target.hosts:
+        with (project.root(host) / ".switchover" / "history.jsonl").open("a") as f:
+            f.write(filler)
+    for row in project.json("releases", "test")["hosts"]:
+        states = {r["id"]: r["state"] for r in row["releases"]}
+        assert states == {ids[0]: "previous", ids[1]: "live"}, row
+    r = project.ok("rollback", "test")
+    for host in project.target.hosts:
+        assert project.current(host) == ids[0]
+    # `history` still shows the whole tail, the first deploys included
+    events = project.json("history", "test", "--limit", "5000")
+    assert any(e["event"] == "deploy_succeeded" and e["release"] == ids[1] for e in events)
+    assert sum(e["event"] == "unlock" and "n" in e for e in events) >= 3000 - len(ids) * 10
+
+
 def test_rollback_to_bad_targets_is_refused(project: Project):
     project.ok("deploy", "test")
     good = project.current()

@@ -62,14 +62,49 @@ def _names(directory: str) -> str:
             ' printf \'%s\\n\' "${f##*/}"; done')
 
 
-def dump_state(layout: Layout, history_tail: int = 5000, lock: bool = True) -> str:
+# A release id (YYYYMMDD_HHMMSS) as a `case` pattern; `{_ID}_*` are the suffixed ones.
+_ID = "[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]"
+HISTORY_TAIL = 5000  # history lines a state read looks at, at most
+RECENT_HISTORY = 200  # of those, the newest kept whatever they name (see dump_state)
+
+# Of the history lines read, print those naming a release id in $ids (in quotes, as a JSON
+# value: "ID" never matches "ID_02") and the newest `keep` ones, in file order: lines
+# leaving the window of the newest `keep` are printed only if they name one.
+_RELEVANT_AWK = r"""
+BEGIN { n = split(ids, id, " ") }
+function named(line,  i) {
+  for (i = 1; i <= n; i++) if (index(line, "\"" id[i] "\"") > 0) return 1
+  return 0
+}
+{ if (NR > keep) { old = buf[NR % keep]; if (named(old)) print old }; buf[NR % keep] = $0 }
+END { s = NR - keep + 1; if (s < 1) s = 1; for (i = s; i <= NR; i++) print buf[i % keep] }
+"""
+
+
+def dump_state(layout: Layout, lock: bool = True, full_history: bool = False) -> str:
     """Print the host's state in marked sections (see `parse_sections`).
 
     `lock=False` leaves out the lock section: right after taking the lock we know its owner.
     Every process counts here (a fleet deploy runs this on every host at once), so names
     are listed with globs and the live link is read once.
+
+    The history section is what decisions need, not the whole file: lines naming a release
+    on disk or in staging (their states, the rollback target, what to prune) and the newest
+    RECENT_HISTORY lines (the last deploy, a running one), out of the last HISTORY_TAIL.
+    A long-lived host's history (thousands of lines) would otherwise be sent, and parsed,
+    on every deploy. `full_history` sends all HISTORY_TAIL lines (the `history` command).
     """
     d = layout
+    h = q(d.history)
+    if full_history:
+        history = f"if [ -f {h} ]; then tail -n {HISTORY_TAIL} {h}; echo; fi"
+    else:
+        history = _lines(
+            f"ids=; for f in {q(d.releases)}/* {q(d.staging_root)}/*; do b=${{f##*/}};"
+            f' case "$b" in {_ID}|{_ID}_*) ids="$ids $b";; esac; done',
+            f"if [ -f {h} ]; then tail -n {HISTORY_TAIL} {h} |"
+            f' awk -v keep={RECENT_HISTORY} -v ids="$ids" {q(_RELEVANT_AWK)}; echo; fi',
+        )
     return _lines(
         f"echo {q(SECTION + 'current')}; t=",
         f"if [ -L {q(d.current)} ]; then echo link; t=$(readlink {q(d.current)});"
@@ -89,7 +124,7 @@ def dump_state(layout: Layout, history_tail: int = 5000, lock: bool = True) -> s
         ' if [ -f "$m" ]; then sha256sum < "$m" 2>/dev/null; fi; fi',
         f"echo {q(SECTION + 'history')}",
         # The trailing echo ends a torn last line so it cannot swallow the end marker.
-        f"if [ -f {q(d.history)} ]; then tail -n {int(history_tail)} {q(d.history)}; echo; fi",
+        history,
         f"echo {q(SECTION + 'end')}",
     )
 
@@ -197,18 +232,27 @@ def force_unlock(layout: Layout) -> str:
 
 
 def begin(layout: Layout, release: str, entry: Mapping[str, Any]) -> str:
-    """Record deploy_started and make an empty staging dir for the upload."""
+    """Record deploy_started and make an empty staging dir for the upload.
+
+    An id the history names was used before (a release since removed): never again, or
+    two deploys would share it. The state read sends only the history's relevant lines,
+    so the id was chosen without seeing every old one: checked here, on the whole file.
+    """
     d = layout
+    h = q(d.history)
+    named = history_line({"release": release})[1:-1]  # as every history line spells it
     return _lines(
         f"if [ -e {q(d.release(release))} ]; then echo 'release '{q(release)}' already exists'"
         f" >&2; exit {RC_RELEASE_EXISTS}; fi",
+        f"if [ -f {h} ] && grep -qF {q(named)} {h}; then echo 'release id '{q(release)}"
+        f"' was used before on this host (its history names it)' >&2;"
+        f" exit {RC_RELEASE_EXISTS}; fi",
         append_history(layout, [entry]),
         f"rm -rf {q(d.staging(release))}",
         f"mkdir -p {q(d.staging(release))}",
     )
 
 
-_ID = "[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]"
 _PREVIOUS = "@@switchover-previous@@"
 
 

@@ -80,8 +80,9 @@ class HostState:
         return self.lock
 
     def used_ids(self) -> set[str]:
-        """Every release id this host has seen: on disk, in staging, in the history. A new
-        id must differ from all of them (a killed deploy's rsync may still be writing)."""
+        """Every release id this host has seen: on disk, in staging, in the history lines
+        read. A new id must differ from all of them (a killed deploy's rsync may still be
+        writing); `commands.begin` also checks the whole history file."""
         return {*self.releases, *self.staging,
                 *(str(e.get("release")) for e in self.history)}
 
@@ -178,8 +179,11 @@ class HostOps:
     def connect(self) -> None:
         self.transport.connect()
 
-    def read_state(self) -> HostState:
-        r = self._must(self.run(C.dump_state(self.layout)), "reading state")
+    def read_state(self, full_history: bool = False) -> HostState:
+        """The host's state; its history is the lines decisions need unless `full_history`
+        (see commands.dump_state)."""
+        r = self._must(self.run(C.dump_state(self.layout, full_history=full_history)),
+                       "reading state")
         return self._parse(r.stdout)
 
     def _parse(self, out: str) -> HostState:

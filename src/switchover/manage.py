@@ -142,7 +142,7 @@ def last_deploy(entries: list[dict[str, Any]], lock: dict[str, Any] | None
 
 def history(env: Environment, hosts: Sequence[HostOps]) -> CommandResult:
     """Every host's history merged in time order (the CLI filters and limits it)."""
-    outcomes = _on_hosts(hosts, env, lambda h: h.read_state())
+    outcomes = _on_hosts(hosts, env, lambda h: h.read_state(full_history=True))
     entries: list[dict[str, Any]] = []
     for h, o in zip(hosts, outcomes, strict=True):
         if o.value is not None:
