@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import string
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -343,7 +345,8 @@ def test_state_read_sends_the_history_lines_decisions_need_not_the_whole_file(tm
     staged = Path(lay.staging("20260102_000000"))
     staged.mkdir(parents=True)
     lines = [{"event": "deploy_succeeded", "release": kept},  # old, about a kept release
-             {"event": "deploy_succeeded", "release": "20250101_000000_02"}]  # similar id
+             {"event": "deploy_succeeded", "release": "20250101_000000_02"},  # similar id
+             {"event": "deploy_failed", "release": "20270101_000000"}]  # clock was ahead
     # thousands of lines about releases long gone, then the live one's and the newest
     lines += [{"event": "deploy_succeeded", "release": f"2024{i:04d}_000000"}
               for i in range(3000)]
@@ -356,8 +359,24 @@ def test_state_read_sends_the_history_lines_decisions_need_not_the_whole_file(tm
     assert state.history == [lines[0], lines[-C.RECENT_HISTORY - 2],
                              lines[-C.RECENT_HISTORY - 1], *lines[-C.RECENT_HISTORY:]]
     assert state.states().previous == kept  # the rollback target, known from an old line
+    # the newest id any line read names, sent or not: a new id must sort after it
+    assert state.newest_id == "20270101_000000" and "20270101_000000" in state.used_ids()
     full = parse_state(sh(C.dump_state(lay, full_history=True)).stdout)
     assert full.history == lines[-C.HISTORY_TAIL:]
+    # no awk on the host: the whole tail, as the full read; an awk that fails: no state
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("tail", "readlink", "sha256sum"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    no_awk = subprocess.run(["/bin/sh", "-c", C.dump_state(lay)], env={"PATH": str(bare)},
+                            capture_output=True, text=True, timeout=30)
+    assert parse_state(no_awk.stdout).history == lines[-C.HISTORY_TAIL:]
+    (bare / "awk").write_text("#!/bin/sh\nexit 2\n")
+    (bare / "awk").chmod(0o755)
+    broken = subprocess.run(["/bin/sh", "-c", C.dump_state(lay)], env={"PATH": str(bare)},
+                            capture_output=True, text=True, timeout=30)
+    with pytest.raises(ValueError):
+        parse_state(broken.stdout)
     # a short history comes whole, torn last line and all
     Path(lay.history).write_text(json.dumps(lines[0]) + '\n{"torn": ')
     assert parse_state(sh(C.dump_state(lay)).stdout).history == [lines[0]]

@@ -56,28 +56,43 @@ def append_history(layout: Layout, entries: Iterable[Mapping[str, Any]]) -> str:
     )
 
 
-def _names(directory: str) -> str:
-    """Print the names in a directory, one per line (a glob: no `ls` process)."""
+def _names(directory: str, collect: bool = False) -> str:
+    """Print the names in a directory, one per line (a glob: no `ls` process). `collect`:
+    also add those that are release ids to $ids (see dump_state), from the same listing."""
+    keep = f' case "${{f##*/}}" in {_ID}|{_ID}_*) ids="$ids ${{f##*/}}";; esac;' if collect else ""
     return (f'for f in {q(directory)}/*; do [ -e "$f" ] || [ -L "$f" ] || continue;'
-            ' printf \'%s\\n\' "${f##*/}"; done')
+            f' printf \'%s\\n\' "${{f##*/}}";{keep} done')
 
 
 # A release id (YYYYMMDD_HHMMSS) as a `case` pattern; `{_ID}_*` are the suffixed ones.
 _ID = "[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]_[0-9][0-9][0-9][0-9][0-9][0-9]"
 HISTORY_TAIL = 5000  # history lines a state read looks at, at most
 RECENT_HISTORY = 200  # of those, the newest kept whatever they name (see dump_state)
+HISTORY_ERROR = "history_error"  # the section a failed history filter prints
 
 # Of the history lines read, print those naming a release id in $ids (in quotes, as a JSON
 # value: "ID" never matches "ID_02") and the newest `keep` ones, in file order: lines
-# leaving the window of the newest `keep` are printed only if they name one.
+# leaving the window of the newest `keep` are printed only if they name one. Then, in a
+# section of its own, the newest release id any line read names: a new id must sort
+# after it, whether or not its line was sent.
 _RELEVANT_AWK = r"""
 BEGIN { n = split(ids, id, " ") }
 function named(line,  i) {
   for (i = 1; i <= n; i++) if (index(line, "\"" id[i] "\"") > 0) return 1
   return 0
 }
-{ if (NR > keep) { old = buf[NR % keep]; if (named(old)) print old }; buf[NR % keep] = $0 }
-END { s = NR - keep + 1; if (s < 1) s = 1; for (i = s; i <= NR; i++) print buf[i % keep] }
+{
+  if (match($0, /"release": *"[0-9][0-9_]*"/)) {
+    v = substr($0, RSTART + 10, RLENGTH - 10); gsub(/[ :"]/, "", v); if (v > top) top = v
+  }
+  if (NR > keep) { old = buf[NR % keep]; if (named(old)) print old }
+  buf[NR % keep] = $0
+}
+END {
+  s = NR - keep + 1; if (s < 1) s = 1
+  for (i = s; i <= NR; i++) print buf[i % keep]
+  print "@@switchover:newest_id"; print top
+}
 """
 
 
@@ -96,25 +111,23 @@ def dump_state(layout: Layout, lock: bool = True, full_history: bool = False) ->
     """
     d = layout
     h = q(d.history)
-    if full_history:
-        history = f"if [ -f {h} ]; then tail -n {HISTORY_TAIL} {h}; echo; fi"
-    else:
-        history = _lines(
-            f"ids=; for f in {q(d.releases)}/* {q(d.staging_root)}/*; do b=${{f##*/}};"
-            f' case "$b" in {_ID}|{_ID}_*) ids="$ids $b";; esac; done',
-            f"if [ -f {h} ]; then tail -n {HISTORY_TAIL} {h} |"
-            f' awk -v keep={RECENT_HISTORY} -v ids="$ids" {q(_RELEVANT_AWK)}; echo; fi',
-        )
+    whole = f"tail -n {HISTORY_TAIL} {h}"
+    # Without awk (a minimal host), the whole tail as before; an awk that fails says so, and
+    # the read fails: an empty history would hide every release's state.
+    history = whole if full_history else (
+        f'if command -v awk >/dev/null 2>&1; then {whole} | awk -v keep={RECENT_HISTORY}'
+        f' -v ids="$ids" {q(_RELEVANT_AWK)} || echo {q(SECTION + HISTORY_ERROR)};'
+        f" else {whole}; fi")
     return _lines(
         f"echo {q(SECTION + 'current')}; t=",
         f"if [ -L {q(d.current)} ]; then echo link; t=$(readlink {q(d.current)});"
         ' printf \'%s\\n\' "$t";'
         f" elif [ -d {q(d.current)} ]; then echo dir;"
         f" elif [ -e {q(d.current)} ]; then echo other; else echo none; fi",
-        f"echo {q(SECTION + 'releases')}",
-        _names(d.releases),
+        f"echo {q(SECTION + 'releases')}; ids=",
+        _names(d.releases, collect=True),
         f"echo {q(SECTION + 'staging')}",
-        _names(d.staging_root),
+        _names(d.staging_root, collect=True),
         # A lock section only while the lock is held (the same report a refused lock gives).
         f"if [ -d {q(d.lock)} ]; then\n{lock_report(layout)}fi" if lock else "",
         # The digest of the live release's manifest: if this machine still has that exact
@@ -124,7 +137,7 @@ def dump_state(layout: Layout, lock: bool = True, full_history: bool = False) ->
         ' if [ -f "$m" ]; then sha256sum < "$m" 2>/dev/null; fi; fi',
         f"echo {q(SECTION + 'history')}",
         # The trailing echo ends a torn last line so it cannot swallow the end marker.
-        history,
+        f"if [ -f {h} ]; then {history}; echo; fi",
         f"echo {q(SECTION + 'end')}",
     )
 

@@ -58,6 +58,7 @@ class HostState:
     lock_heartbeat_age: int | None = None  # seconds since the holder's last heartbeat
     live_manifest_sha: str | None = None  # sha256 of the live release's stored manifest
     begun: bool = False  # acquire(begin=...) began the release in the same round trip
+    newest_id: str | None = None  # the newest release id the history read names (sent or not)
 
     @property
     def current(self) -> str | None:
@@ -83,8 +84,8 @@ class HostState:
         """Every release id this host has seen: on disk, in staging, in the history lines
         read. A new id must differ from all of them (a killed deploy's rsync may still be
         writing); `commands.begin` also checks the whole history file."""
-        return {*self.releases, *self.staging,
-                *(str(e.get("release")) for e in self.history)}
+        seen = {*self.releases, *self.staging, *(str(e.get("release")) for e in self.history)}
+        return seen | {self.newest_id} if self.newest_id else seen
 
     def states(self) -> ReleaseStates:
         return analyze(self.history, self.releases, self.current)
@@ -117,7 +118,7 @@ def parse_history(lines: Iterable[str]) -> list[dict[str, Any]]:
 
 def parse_state(output: str) -> HostState:
     s = C.parse_sections(output)
-    if "end" not in s:
+    if "end" not in s or C.HISTORY_ERROR in s:
         raise ValueError("incomplete state output")
     current = s.get("current", [])
     kind = current[0] if current else "none"
@@ -128,6 +129,7 @@ def parse_state(output: str) -> HostState:
         staging=[r for r in s.get("staging", []) if r],
         lock=parse_lock(["held", *s["lock"]]) if "lock" in s else None,
         history=parse_history(s.get("history", [])),
+        newest_id=next((r for r in s.get("newest_id", []) if is_release_id(r)), None),
         lock_heartbeat_age=_first_int(s.get("heartbeat_age", [])),
         live_manifest_sha=_digest(s.get("live_manifest", [])),
         begun=s.get("begun", [])[:1] == ["yes"],
