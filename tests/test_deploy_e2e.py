@@ -273,7 +273,7 @@ def test_a_long_history_still_gives_the_rollback_target_and_the_history(project:
     for row in project.json("releases", "test")["hosts"]:
         states = {r["id"]: r["state"] for r in row["releases"]}
         assert states == {ids[0]: "previous", ids[1]: "live"}, row
-    r = project.ok("rollback", "test")
+    project.ok("rollback", "test")
     for host in project.target.hosts:
         assert project.current(host) == ids[0]
     # `history` still shows the whole tail, the first deploys included
