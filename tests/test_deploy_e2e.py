@@ -205,12 +205,18 @@ def test_before_switch_hook_failure_changes_nothing(project: Project):
         assert not list((project.root(host) / ".switchover/staging").iterdir())
 
 
-def test_manual_rollback_and_to(project: Project):
+def deploy_versions(project: Project, n: int) -> list[str]:
+    """Deploy v0 .. v{n-1} of the app in turn; their release ids, oldest first."""
     ids = []
-    for i in range(3):
+    for i in range(n):
         (project.app / "index.html").write_text(f"v{i}\n")
         project.ok("deploy", "test")
         ids.append(project.current())
+    return ids
+
+
+def test_manual_rollback_and_to(project: Project):
+    ids = deploy_versions(project, 3)
     r = project.ok("rollback", "test")
     assert ids[1] in r.stdout
     for host in project.target.hosts:
@@ -236,11 +242,7 @@ def test_manual_rollback_runs_after_rollback_hooks_for_the_release_it_brings_bac
         after_rollback = ["echo restarted $SWITCHOVER_RELEASE; echo $SWITCHOVER_RELEASE > ../../up",
                           "test ! -f ../../fail"]
     """)
-    ids = []
-    for i in range(2):
-        (project.app / "index.html").write_text(f"v{i}\n")
-        project.ok("deploy", "test")
-        ids.append(project.current())
+    ids = deploy_versions(project, 2)
     r = project.ok("-v", "rollback", "test")
     assert f"restarted {ids[0]}" in r.stdout + r.stderr  # each hook's output, with -v
     for host in project.target.hosts:
@@ -258,11 +260,7 @@ def test_manual_rollback_runs_after_rollback_hooks_for_the_release_it_brings_bac
 
 
 def test_a_long_history_still_gives_the_rollback_target_and_the_history(project: Project):
-    ids = []
-    for i in range(2):
-        (project.app / "index.html").write_text(f"v{i}\n")
-        project.ok("deploy", "test")
-        ids.append(project.current())
+    ids = deploy_versions(project, 2)
     # Months of other entries since: the state read sends only the lines naming a release
     # on disk and the newest ones, and decisions come out the same.
     filler = "".join(json.dumps({"time": "2026-06-01T00:00:00Z", "event": "unlock",
