@@ -244,6 +244,14 @@ def force_unlock(layout: Layout) -> str:
     )
 
 
+def _history_names(layout: Layout, release: str) -> str:
+    """A test that is true if any line of the whole history file names `release` as its
+    release (`"release":"ID"`, as every history line spells it)."""
+    h = q(layout.history)
+    named = history_line({"release": release})[1:-1]
+    return f"[ -f {h} ] && grep -qF {q(named)} {h}"
+
+
 def begin(layout: Layout, release: str, entry: Mapping[str, Any]) -> str:
     """Record deploy_started and make an empty staging dir for the upload.
 
@@ -252,12 +260,10 @@ def begin(layout: Layout, release: str, entry: Mapping[str, Any]) -> str:
     so the id was chosen without seeing every old one: checked here, on the whole file.
     """
     d = layout
-    h = q(d.history)
-    named = history_line({"release": release})[1:-1]  # as every history line spells it
     return _lines(
         f"if [ -e {q(d.release(release))} ]; then echo 'release '{q(release)}' already exists'"
         f" >&2; exit {RC_RELEASE_EXISTS}; fi",
-        f"if [ -f {h} ] && grep -qF {q(named)} {h}; then echo 'release id '{q(release)}"
+        f"if {_history_names(layout, release)}; then echo 'release id '{q(release)}"
         f"' was used before on this host (its history names it)' >&2;"
         f" exit {RC_RELEASE_EXISTS}; fi",
         append_history(layout, [entry]),
@@ -281,13 +287,12 @@ def begin_if_fresh(layout: Layout, release: str, entry: Mapping[str, Any]) -> st
     h = q(d.history)
     line = history_line({**entry, "previous": _PREVIOUS})
     head, tail = line.split(json.dumps(_PREVIOUS), 1)
-    named = history_line({"release": release})[1:-1]  # as every history line spells it
     return _lines(
         f"echo {q(SECTION + 'begun')}; fresh=yes",
         f"[ -e {q(d.release(release))} ] && fresh=no",
         f"for f in {q(d.releases)}/*; do b=${{f##*/}}; case \"$b\" in {_ID}|{_ID}_*)"
         f" [ \"$b\" \\< {q(release)} ] || fresh=no;; esac; done",
-        f"if [ -f {h} ] && grep -qF {q(named)} {h}; then fresh=no; fi",
+        f"if {_history_names(layout, release)}; then fresh=no; fi",
         "if [ $fresh = yes ]; then",
         "  p=null; b=${t##*/}",
         '  case "${t%/*}" in releases|*/releases)',

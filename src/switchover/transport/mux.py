@@ -59,18 +59,9 @@ def run_session(control_path: str, command: str, *, watch: StepWatch,
 
     Our environment goes with the request and the master forwards what its SendEnv allows,
     as `ssh` would with the same config."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _hello(control_path)
     fds: list[int] = []
     try:
-        try:
-            sock.settimeout(5)
-            sock.connect(control_path)
-            _send(sock, struct.pack(">II", MUX_HELLO, MUX_VERSION))
-            (kind,) = struct.unpack(">I", _read_packet(sock)[:4])
-            if kind != MUX_HELLO:
-                raise ValueError("no hello from the master")
-        except (OSError, ValueError, struct.error) as e:
-            raise MuxUnavailable(str(e)) from e
         for _ in range(3):
             fds.extend(os.pipe())
         stdin_r, stdin_w, out_r, out_w, err_r, err_w = fds
@@ -157,18 +148,30 @@ def terminate_master(control_dir: str) -> bool:
     """Ask the ssh master in our private control dir to exit, as `ssh -O exit` does.
     False if that could not be done (the caller falls back to `ssh -O exit`)."""
     try:
-        path = master_socket(control_dir)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            _send(sock, struct.pack(">II", MUX_HELLO, MUX_VERSION))
-            _read_packet(sock)  # the master's hello (and any extensions: ignored)
+        with _hello(master_socket(control_dir)) as sock:
             _send(sock, struct.pack(">II", MUX_C_TERMINATE, 1))
             # OpenSSH 9 hangs up as it exits; others answer MUX_S_OK first.
             reply = sock.recv(12)
     except (MuxUnavailable, OSError, ValueError, struct.error):
         return False
     return reply == b"" or reply[4:12] == struct.pack(">II", MUX_S_OK, 1)
+
+
+def _hello(control_path: str) -> socket.socket:
+    """A socket to the master at control_path past the hello exchange (the master's
+    extensions, if any, are ignored); MuxUnavailable if there is no master to talk to."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5)
+        sock.connect(control_path)
+        _send(sock, struct.pack(">II", MUX_HELLO, MUX_VERSION))
+        (kind,) = struct.unpack(">I", _read_packet(sock)[:4])
+        if kind != MUX_HELLO:
+            raise ValueError("no hello from the master")
+    except (OSError, ValueError, struct.error) as e:
+        sock.close()
+        raise MuxUnavailable(str(e)) from e
+    return sock
 
 
 def _string(data: bytes) -> bytes:
