@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -68,20 +69,26 @@ def test_one_ssh_connection_per_host_per_deploy(sshp: Project, ssh_fleet):
         assert after[h] - before[h] == 1, (h, before[h], after[h])
 
 
-def _our_masters() -> set[int]:
-    """Pids of ssh masters using switchover's private control dirs (/tmp/swo-*)."""
-    return {pid for pid, d in masters(None).items() if d.startswith("/tmp/swo-")}
+def _our_masters(fleet) -> set[int]:
+    """Pids of ssh masters using switchover's private control dirs (/tmp/swo-*): renamed
+    to "[mux]" (opened by a first command) or not (opened early, `-f -N`)."""
+    return {pid for pid, d in masters(str(fleet.ssh_config)).items()
+            if d.startswith("/tmp/swo-")}
+
+
+def _masters_of(fleet, t: SshTransport) -> set[int]:
+    return {pid for pid, d in masters(str(fleet.ssh_config)).items() if d == t._control_dir}
 
 
 def test_deploy_leaves_no_ssh_master_behind(sshp: Project, ssh_fleet):
-    before = _our_masters()
+    before = _our_masters(ssh_fleet)
     sshp.ok("deploy", "test")
     (sshp.app / "index.html").write_text("v2\n")
     sshp.ok("deploy", "test")
     deadline = time.monotonic() + 5  # a master exits just after it is told to
-    while _our_masters() - before and time.monotonic() < deadline:
+    while _our_masters(ssh_fleet) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _our_masters() - before
+    assert not _our_masters(ssh_fleet) - before
 
 
 def test_terminate_master_ends_it_and_falls_back_when_it_cannot(ssh_fleet, tmp_path):
@@ -90,7 +97,7 @@ def test_terminate_master_ends_it_and_falls_back_when_it_cannot(ssh_fleet, tmp_p
     t.connect()
     try:
         assert t.run("true").ok  # the first command opens the master
-        (pid,) = {p for p, d in masters(None).items() if d == t._control_dir}
+        (pid,) = _masters_of(ssh_fleet, t)
         assert terminate_master(t._control_dir)
         deadline = time.monotonic() + 5
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -241,3 +248,89 @@ def test_a_session_the_host_refuses_runs_over_a_connection_of_its_own(strict_fle
         assert r.stdout == "ran\n"
     finally:
         t.close()
+
+
+def _wait_gone(pid: int) -> bool:
+    deadline = time.monotonic() + 5  # a master exits just after it is told to
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_an_early_connection_carries_the_first_command(ssh_fleet, monkeypatch):
+    ssh_fleet.ensure_running()
+    alias = ssh_fleet.hosts[0].alias
+    before = ssh_fleet.connection_count(alias)
+    t = SshTransport(HostSpec(alias), SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    t.open_early()
+    try:
+        # ssh is started already: with none on PATH from here, only the early master's
+        # socket can run the first command (and rsync's later ones need it up too).
+        monkeypatch.setenv("PATH", "/nonexistent")
+        assert t.run("echo first").stdout == "first\n"
+        assert t.run("echo second").stdout == "second\n"
+        monkeypatch.undo()
+        (pid,) = _masters_of(ssh_fleet, t)
+    finally:
+        t.close()
+    assert ssh_fleet.connection_count(alias) - before == 1
+    assert _wait_gone(pid)
+    assert not Path(t._control_dir).exists()
+
+
+@pytest.mark.parametrize("wait_for_login", [False, True])
+def test_an_early_connection_never_used_is_closed(ssh_fleet, wait_for_login):
+    # The deploy stopped before its first command (a bad artifact, Ctrl-C): close() ends the
+    # login in progress, or the master it became.
+    ssh_fleet.ensure_running()
+    t = SshTransport(HostSpec(ssh_fleet.hosts[0].alias),
+                     SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    t.open_early()
+    pids = set()
+    if wait_for_login:
+        deadline = time.monotonic() + 10
+        while not os.listdir(t._control_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert os.listdir(t._control_dir), "the master never came up"
+        pids = _masters_of(ssh_fleet, t)
+        assert pids
+    t.close()
+    assert all(_wait_gone(p) for p in pids)
+    assert not _masters_of(ssh_fleet, t)
+    assert not Path(t._control_dir).exists()
+
+
+def test_an_early_connection_that_fails_is_reported_by_the_first_command(ssh_fleet):
+    alias = ssh_fleet.hosts[1].alias
+    t = SshTransport(HostSpec(alias), SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    try:
+        with ssh_fleet.host_down(alias):
+            t.open_early()
+            with pytest.raises(HostError, match="could not connect: connection refused"):
+                t.run("true")
+    finally:
+        t.close()
+
+
+def test_a_bad_artifact_leaves_no_early_connection_behind(sshp: Project, ssh_fleet):
+    before = _our_masters(ssh_fleet)
+    counts = ssh_fleet.connection_counts()
+    sshp.ok("deploy", "test")
+    shutil.rmtree(sshp.app)
+    sshp.app.mkdir()
+    r = sshp.run("deploy", "test")
+    assert r.returncode == 2, r.stderr
+    assert "is an empty directory" in r.stderr
+    deadline = time.monotonic() + 5
+    while _our_masters(ssh_fleet) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _our_masters(ssh_fleet) - before
+    for h in sshp.target.hosts:
+        assert not sshp.locked(h)
+        assert sshp.releases(h) == [sshp.current(h)]
+    # the first deploy's connection and the early one of the second: nothing more
+    after = ssh_fleet.connection_counts()
+    assert all(after[h] - counts[h] <= 2 for h in sshp.target.hosts)

@@ -325,7 +325,6 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
 
     def body(obj: Ctx) -> int:
         from switchover.artifact import prepare, run_build
-        from switchover.deploy import Deployer
         from switchover.secrets import load_secrets
 
         env = obj.env(environment)
@@ -343,9 +342,22 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
         if build and env.artifact.build:
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
-        art = prepare(source, env.artifact.exclude)
+        hosts = obj.host_ops(env)
+        # The first wave of hosts connects while the artifact is scanned (or unpacked): the
+        # handshakes run in ssh processes, on a core this process is not using.
+        early = hosts[:env.parallel]
+        for h in early:
+            h.open_early()
         try:
-            report = Deployer(env, obj.host_ops(env), out, obj.run_context(env),
+            from switchover.deploy import Deployer  # imported while they connect
+
+            art = prepare(source, env.artifact.exclude)
+        except BaseException:
+            for h in early:
+                h.close()
+            raise
+        try:
+            report = Deployer(env, hosts, out, obj.run_context(env),
                               artifact=art, checks=checks, urls=urls, message=message,
                               secrets=secrets).run()
         finally:

@@ -56,6 +56,11 @@ class Transport(Protocol):
 
     def connect(self) -> None: ...
 
+    def open_early(self) -> None:
+        """Start connecting in the background, so it overlaps local work (a no-op where
+        there is no connection); the first command waits for it."""
+        ...
+
     def reconnect(self) -> None:
         """Bring the connection back after it dropped (a no-op where there is none)."""
         ...

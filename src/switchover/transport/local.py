@@ -41,6 +41,9 @@ class LocalTransport:
     def connect(self) -> None:
         return None
 
+    def open_early(self) -> None:
+        return None
+
     def reconnect(self) -> None:
         return None
 

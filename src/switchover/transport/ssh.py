@@ -13,10 +13,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from switchover.errors import ConnectionLost, DiskFull, HostError
 from switchover.hosts import HostSpec
@@ -90,6 +91,7 @@ class SshTransport:
         self._control_dir = tempfile.mkdtemp(prefix="swo-", dir="/tmp")
         self._connected = False
         self._deferred = False  # connect() asked for; the first command opens the master
+        self._opening: _Opening | None = None  # open_early() started the master
         self.abort: threading.Event | None = None
 
     def _base_args(self) -> list[str]:
@@ -123,40 +125,59 @@ class SshTransport:
         if not self._connected:
             self._deferred = True
 
-    def _ensure_master(self) -> None:
-        if self._deferred and not self._connected:
-            self._open_master()
-
-    def _open_master(self) -> None:
-        if self._connected:
+    def open_early(self) -> None:
+        """Start opening the master connection in the background and return at once: the
+        TCP and key exchange and the login overlap local work (the artifact scan). The
+        first command waits for it and reports its failure as `_open_master` would."""
+        if self._connected or self._opening is not None:
             return
-        # The master forks into the background and keeps its stderr: give it a file, not a
-        # pipe, or our read would wait for the master to exit.
-        with tempfile.TemporaryFile(mode="w+") as err:
-            argv = [
-                *self._base_args(),
-                "-o", "ControlMaster=yes",
-                "-o", f"ControlPersist={self.options.persist}",
-                "-f", "-N", "--", self.host.destination,
-            ]
+        # The master forks into the background (-f, after login) and keeps its stderr: give
+        # it a file, not a pipe, or a read would wait for the master to exit.
+        err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by _finish_opening or close)
+        try:
+            proc = subprocess.Popen(
+                [*self._base_args(), "-o", "ControlMaster=yes",
+                 "-o", f"ControlPersist={self.options.persist}",
+                 "-f", "-N", "--", self.host.destination],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True,
+            )
+        except BaseException:
+            err.close()
+            raise
+        self._opening = _Opening(proc, err, time.monotonic() + self.options.connect_timeout + 5)
+
+    def _finish_opening(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return
+        try:
             try:
-                rc = subprocess.call(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    start_new_session=True,
-                    timeout=self.options.connect_timeout + 5,
-                )
+                rc = opening.proc.wait(timeout=max(0.0, opening.deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                opening.proc.kill()
+                opening.proc.wait()
                 raise HostError("could not connect: timed out", host=self.host.name) from None
-            err.seek(0)
-            stderr = err.read()
+            opening.err.seek(0)
+            stderr = opening.err.read()
+        finally:
+            opening.err.close()
         if rc != 0:
             raise HostError(
                 f"could not connect: {describe_ssh_failure(stderr)}", host=self.host.name
             )
         self._connected = True
+
+    def _ensure_master(self) -> None:
+        if self._opening is not None:
+            self._finish_opening()
+        if self._deferred and not self._connected:
+            self._open_master()
+
+    def _open_master(self) -> None:
+        if not self._connected:
+            self.open_early()
+            self._finish_opening()
 
     def reconnect(self) -> None:
         """Make sure a master connection is up again after the link dropped."""
@@ -176,6 +197,8 @@ class SshTransport:
         # The remote login shell parses this one string; the script itself is one quoted word.
         # `input` goes over the channel as the script's stdin, never into argv.
         command = "sh -c " + shlex.quote(script)
+        if self._opening is not None:
+            self._finish_opening()
         if self._deferred and not self._connected:
             return self._run_as_master(command, timeout, input)
         if self._connected:
@@ -285,6 +308,14 @@ class SshTransport:
                              self.host.name)
 
     def close(self) -> None:
+        if self._opening is not None:
+            # Never waited for (the deploy stopped before its first command): stop a login
+            # still in progress; a master that already forked is ended below, over its socket.
+            opening, self._opening = self._opening, None
+            opening.proc.kill()
+            opening.proc.wait()
+            opening.err.close()
+            self._connected = bool(os.listdir(self._control_dir))
         if self._connected:
             # Asking the master over its socket costs no process; `ssh -O exit` costs one
             # ssh start per host (a 50-host deploy on 2 cores pays ~0.1 s of wall for them).
@@ -298,6 +329,15 @@ class SshTransport:
                 )
             self._connected = False
         shutil.rmtree(self._control_dir, ignore_errors=True)
+
+
+@dataclass
+class _Opening:
+    """A master connection being opened in the background (`open_early`)."""
+
+    proc: subprocess.Popen[bytes]
+    err: IO[str]  # its stderr, a file: the forked master keeps it open
+    deadline: float  # time.monotonic() by which login must be done
 
 
 FIRST_COMMAND_LIMIT = 30.0  # seconds, beyond ConnectTimeout, for the master's first command
