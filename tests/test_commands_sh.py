@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from switchover import commands as C
 from switchover.hostops import parse_state
 from switchover.layout import Layout
+from switchover.manage import last_deploy
 
 
 def sh(script: str) -> subprocess.CompletedProcess:
@@ -394,3 +395,23 @@ def test_begin_never_reuses_an_id_the_history_names(tmp_path):
     other = "20260101_000000_02"  # an id the history does not name is fine
     assert sh(C.begin(lay, other, {"event": "deploy_started", "release": other})).returncode == 0
     assert Path(lay.staging(other)).is_dir()
+
+
+def test_state_read_keeps_the_last_deploy_however_far_back(tmp_path):
+    # `status` shows a host's last deploy and how it ended: that must not turn into an older
+    # deploy once more than RECENT_HISTORY other lines follow it and its release is gone.
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    live, gone = "20260101_000000", "20260105_000000"
+    make_release(lay, live)
+    assert sh(C.switch(lay, live, [])).returncode == 0
+    lines = [{"event": "deploy_started", "release": live, "deploy_id": "a"},
+             {"event": "deploy_succeeded", "release": live, "deploy_id": "a"},
+             {"event": "deploy_started", "release": gone, "deploy_id": "b"},
+             {"event": "deploy_failed", "release": gone, "deploy_id": "b"}]
+    lines += [{"event": "unlock", "release": None, "n": i} for i in range(C.RECENT_HISTORY + 5)]
+    Path(lay.history).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    state = parse_state(sh(C.dump_state(lay)).stdout)
+    assert state.history == [*lines[:4], *lines[-C.RECENT_HISTORY:]]
+    last = last_deploy(state.history, None)
+    assert last is not None and (last["release"], last["state"]) == (gone, "failed")

@@ -82,10 +82,15 @@ function named(line,  i) {
   return 0
 }
 {
+  v = ""
   if (match($0, /"release": *"[0-9][0-9_]*"/)) {
     v = substr($0, RSTART + 10, RLENGTH - 10); gsub(/[ :"]/, "", v); if (v > top) top = v
   }
-  if (NR > keep) { old = buf[NR % keep]; if (named(old)) print old }
+  if (v != "" && $0 ~ /"event": *"deploy_started"/) last = v
+  if (NR > keep) {
+    old = buf[NR % keep]
+    if (named(old) || (last != "" && index(old, "\"" last "\"") > 0)) print old
+  }
   buf[NR % keep] = $0
 }
 END {
@@ -104,8 +109,9 @@ def dump_state(layout: Layout, lock: bool = True, full_history: bool = False) ->
     are listed with globs and the live link is read once.
 
     The history section is what decisions need, not the whole file: lines naming a release
-    on disk or in staging (their states, the rollback target, what to prune) and the newest
-    RECENT_HISTORY lines (the last deploy, a running one), out of the last HISTORY_TAIL.
+    on disk or in staging (their states, the rollback target, what to prune), lines naming
+    the release of the newest deploy_started (the last deploy and how it ended, its release
+    gone or not) and the newest RECENT_HISTORY lines, out of the last HISTORY_TAIL.
     A long-lived host's history (thousands of lines) would otherwise be sent, and parsed,
     on every deploy. `full_history` sends all HISTORY_TAIL lines (the `history` command).
     """
