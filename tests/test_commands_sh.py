@@ -402,16 +402,21 @@ def test_state_read_keeps_the_last_deploy_however_far_back(tmp_path):
     # deploy once more than RECENT_HISTORY other lines follow it and its release is gone.
     lay = Layout(str(tmp_path / "app"))
     sh(C.make_layout(lay))
-    live, gone = "20260101_000000", "20260105_000000"
+    live, older, gone = "20260101_000000", "20260104_000000_02", "20260105_000000_03"
     make_release(lay, live)
     assert sh(C.switch(lay, live, [])).returncode == 0
     lines = [{"event": "deploy_started", "release": live, "deploy_id": "a"},
              {"event": "deploy_succeeded", "release": live, "deploy_id": "a"},
-             {"event": "deploy_started", "release": gone, "deploy_id": "b"},
-             {"event": "deploy_failed", "release": gone, "deploy_id": "b"}]
+             # an older failed deploy whose release is gone: not needed, not sent
+             {"event": "deploy_started", "release": older, "deploy_id": "b"},
+             {"event": "deploy_failed", "release": older, "deploy_id": "b"},
+             {"event": "deploy_started", "release": gone, "deploy_id": "c"},
+             {"event": "deploy_failed", "release": gone, "deploy_id": "c"}]
     lines += [{"event": "unlock", "release": None, "n": i} for i in range(C.RECENT_HISTORY + 5)]
-    Path(lay.history).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    # as the tool writes them: compact JSON
+    Path(lay.history).write_text("".join(json.dumps(e, separators=(",", ":")) + "\n"
+                                         for e in lines))
     state = parse_state(sh(C.dump_state(lay)).stdout)
-    assert state.history == [*lines[:4], *lines[-C.RECENT_HISTORY:]]
+    assert state.history == [*lines[:2], *lines[4:6], *lines[-C.RECENT_HISTORY:]]
     last = last_deploy(state.history, None)
     assert last is not None and (last["release"], last["state"]) == (gone, "failed")

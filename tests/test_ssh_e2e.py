@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
+import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -12,9 +15,12 @@ from pathlib import Path
 import pytest
 from faults.kit import masters
 from project import Project, ssh_target
+from sshd_harness import _descendants
 
 from switchover.errors import ConnectionLost, HostError, Interrupted
 from switchover.hosts import HostSpec
+from switchover.transport import ssh as ssh_module
+from switchover.transport.base import abort_running
 from switchover.transport.ssh import SshOptions, SshTransport, terminate_master
 
 
@@ -315,22 +321,154 @@ def test_an_early_connection_that_fails_is_reported_by_the_first_command(ssh_fle
         t.close()
 
 
-def test_a_bad_artifact_leaves_no_early_connection_behind(sshp: Project, ssh_fleet):
-    before = _our_masters(ssh_fleet)
-    counts = ssh_fleet.connection_counts()
+def _control_dirs() -> set[str]:
+    return set(glob.glob("/tmp/swo-*"))
+
+
+def test_a_failed_deploy_leaves_no_early_connection_behind(sshp: Project, ssh_fleet):
     sshp.ok("deploy", "test")
+    first = {h: sshp.current(h) for h in sshp.target.hosts}
+    masters_before, dirs_before = _our_masters(ssh_fleet), _control_dirs()
+    counts = ssh_fleet.connection_counts()
     shutil.rmtree(sshp.app)
     sshp.app.mkdir()
-    r = sshp.run("deploy", "test")
+    # --parallel 1: only the first host of the fleet connects while the artifact is read
+    r = sshp.run("deploy", "test", "--parallel", "1")
     assert r.returncode == 2, r.stderr
     assert "is an empty directory" in r.stderr
     deadline = time.monotonic() + 5
-    while _our_masters(ssh_fleet) - before and time.monotonic() < deadline:
+    while _our_masters(ssh_fleet) - masters_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _our_masters(ssh_fleet) - before
-    for h in sshp.target.hosts:
-        assert not sshp.locked(h)
-        assert sshp.releases(h) == [sshp.current(h)]
-    # the first deploy's connection and the early one of the second: nothing more
+    assert not _our_masters(ssh_fleet) - masters_before
+    assert not _control_dirs() - dirs_before
     after = ssh_fleet.connection_counts()
-    assert all(after[h] - counts[h] <= 2 for h in sshp.target.hosts)
+    # web1 may have logged in before the empty artifact ended the deploy; the others never
+    new = [after[h] - counts[h] for h in sshp.target.hosts]
+    assert new[0] <= 1 and new[1:] == [0, 0], new
+    # an unknown canary host is a usage error before any host is touched
+    (sshp.app / "index.html").write_text("v2\n")
+    r = sshp.run("deploy", "test", "--strategy", "canary", "--canary-hosts", "nope")
+    assert r.returncode == 2, r.stderr
+    assert ssh_fleet.connection_counts() == after
+    for h in sshp.target.hosts:
+        assert sshp.current(h) == first[h] and not sshp.locked(h)
+
+
+@pytest.fixture
+def frozen_host(ssh_fleet):
+    """A host whose sshd is stopped: TCP connects, login never ends."""
+    ssh_fleet.ensure_running()
+    host = ssh_fleet.hosts[2]
+    frozen = _descendants(host.pid)
+    assert frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield host
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _waiting_command(t: SshTransport) -> tuple[threading.Thread, list[BaseException]]:
+    """t.run("true") in a thread (as a deploy's worker runs it); its error lands in the list."""
+    errors: list[BaseException] = []
+
+    def first_command() -> None:
+        try:
+            t.run("true")
+        except BaseException as e:  # handed to the test
+            errors.append(e)
+
+    thread = threading.Thread(target=first_command)
+    thread.start()
+    return thread, errors
+
+
+def test_a_second_ctrl_c_stops_a_login_in_progress(ssh_fleet, frozen_host):
+    t = SshTransport(HostSpec(frozen_host.alias), SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    t.open_early()
+    try:
+        thread, errors = _waiting_command(t)
+        time.sleep(0.5)
+        started = time.monotonic()
+        abort_running()  # what the second Ctrl-C does
+        thread.join(timeout=5)
+        assert not thread.is_alive() and time.monotonic() - started < 3
+        assert len(errors) == 1 and isinstance(errors[0], Interrupted), errors
+    finally:
+        t.close()
+    assert not _masters_of(ssh_fleet, t)
+
+
+def test_closing_while_a_command_waits_for_its_login_runs_nothing(ssh_fleet, frozen_host):
+    # The deploy's end (second Ctrl-C) closes the transports while a worker still waits for
+    # its login: that worker must not go on to run its command over a connection of its own.
+    t = SshTransport(HostSpec(frozen_host.alias), SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    t.open_early()
+    thread, errors = _waiting_command(t)
+    time.sleep(0.5)
+    t.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], Interrupted), errors
+    with pytest.raises(Interrupted):
+        t.run("true")
+    assert not _masters_of(ssh_fleet, t) and not Path(t._control_dir).exists()
+
+
+@pytest.fixture(scope="module")
+def slow_login_fleet(make_ssh_fleet):
+    """One host whose login hangs after the key exchange (a slow LDAP or PAM lookup): its
+    AuthorizedKeysCommand sleeps. sshd runs it only from a root-owned path nobody else can
+    write to, so not from /tmp."""
+    d = Path(tempfile.mkdtemp(prefix="swo-test-", dir="/run"))
+    d.chmod(0o755)
+    cmd = d / "slow-keys"
+    cmd.write_text("#!/bin/sh\nsleep 20\n")
+    cmd.chmod(0o755)
+    try:
+        yield make_ssh_fleet(1, sshd_options=[f"AuthorizedKeysCommand {cmd}",
+                                              "AuthorizedKeysCommandUser root",
+                                              "AuthorizedKeysFile none"])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_early_login_that_hangs_is_cut_off(slow_login_fleet, monkeypatch):
+    # ConnectTimeout covers the TCP connect and the key exchange only: a login that hangs
+    # after them is cut off by our bound, connect_timeout + FIRST_COMMAND_LIMIT.
+    monkeypatch.setattr(ssh_module, "FIRST_COMMAND_LIMIT", 1.0)
+    options = SshOptions(ssh_config=slow_login_fleet.ssh_config, connect_timeout=2)
+    t = SshTransport(HostSpec(slow_login_fleet.hosts[0].alias), options)
+    t.connect()
+    t.open_early()
+    started = time.monotonic()
+    try:
+        with pytest.raises(HostError, match="could not connect: timed out"):
+            t.run("true", timeout=600)
+        assert time.monotonic() - started < 6  # 2 + 1 s, with room for a slow machine
+    finally:
+        t.close()
+    assert not _masters_of(slow_login_fleet, t)
+
+
+def test_the_first_command_after_an_early_login_is_bounded(ssh_fleet, monkeypatch):
+    # A host that logs in but hangs opening a session is cut off as the first command that
+    # opens a master would be: within FIRST_COMMAND_LIMIT, not the whole step timeout.
+    ssh_fleet.ensure_running()
+    monkeypatch.setattr(ssh_module, "FIRST_COMMAND_LIMIT", 1.0)
+    t = SshTransport(HostSpec(ssh_fleet.hosts[0].alias),
+                     SshOptions(ssh_config=ssh_fleet.ssh_config))
+    t.connect()
+    t.open_early()
+    try:
+        started = time.monotonic()
+        with pytest.raises(HostError, match="timed out after 1 s"):
+            t.run("sleep 30", timeout=600)
+        assert time.monotonic() - started < 10
+        assert t.run("sleep 1.5; echo later", timeout=600).stdout == "later\n"  # only the first
+    finally:
+        t.close()

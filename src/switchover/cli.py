@@ -342,26 +342,30 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
         if build and env.artifact.build:
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
+        from switchover.strategy import plan_batches
+
         hosts = obj.host_ops(env)
-        # The first wave of hosts connects while the artifact is scanned (or unpacked): the
-        # handshakes run in ssh processes, on a core this process is not using.
-        early = hosts[:env.parallel]
-        for h in early:
-            h.open_early()
         try:
+            # A bad strategy (an unknown canary host) is a usage error before any host is
+            # touched: checked here too, as the first wave connects before the Deployer runs.
+            plan_batches(env.strategy, [h.name for h in hosts], env.batch_size,
+                         env.canary_hosts)
+            # The first wave of hosts connects while the artifact is scanned (or unpacked):
+            # the handshakes run in ssh processes, on a core this process is not using.
+            for h in hosts[:env.parallel]:
+                h.open_early()
             from switchover.deploy import Deployer  # imported while they connect
 
             art = prepare(source, env.artifact.exclude)
-        except BaseException:
-            for h in early:
-                h.close()
-            raise
-        try:
-            report = Deployer(env, hosts, out, obj.run_context(env),
-                              artifact=art, checks=checks, urls=urls, message=message,
-                              secrets=secrets).run()
+            try:
+                report = Deployer(env, hosts, out, obj.run_context(env),
+                                  artifact=art, checks=checks, urls=urls, message=message,
+                                  secrets=secrets).run()
+            finally:
+                art.cleanup()
         finally:
-            art.cleanup()
+            for h in hosts:  # Deployer.run closes them; this is for every way out before it
+                h.close()
         if env.notify.webhooks:  # notify (and urllib) is only loaded to send something
             from switchover import notify
 

@@ -109,9 +109,10 @@ def dump_state(layout: Layout, lock: bool = True, full_history: bool = False) ->
     are listed with globs and the live link is read once.
 
     The history section is what decisions need, not the whole file: lines naming a release
-    on disk or in staging (their states, the rollback target, what to prune), lines naming
-    the release of the newest deploy_started (the last deploy and how it ended, its release
-    gone or not) and the newest RECENT_HISTORY lines, out of the last HISTORY_TAIL.
+    on disk or in staging (their states, the rollback target, what to prune), the newest
+    RECENT_HISTORY lines, and older lines naming the release of the newest deploy_started
+    read so far (the last deploy and how it ended, its release gone or not), out of the
+    last HISTORY_TAIL.
     A long-lived host's history (thousands of lines) would otherwise be sent, and parsed,
     on every deploy. `full_history` sends all HISTORY_TAIL lines (the `history` command).
     """

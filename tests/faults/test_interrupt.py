@@ -72,7 +72,7 @@ def test_heartbeat_keeps_a_live_lock_and_a_silent_one_is_taken_over(sshp: Projec
     p.ok("deploy", "test")
     holder = Client(p, "deploy", "test", pause_at="after_begin",
                     env={"SWITCHOVER_LOCK_HEARTBEAT": "0.3"})
-    holder.wait_paused()
+    holder.wait_paused(hosts=len(p.target.hosts))  # every host holds its lock
     beat = {h: p.root(h) / ".switchover" / "lock" / "heartbeat" for h in p.target.hosts}
     start = {h: int(beat[h].read_text()) for h in p.target.hosts}
     # Seen from "elsewhere", only the heartbeat can tell whether the owner is alive.

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from switchover.errors import ConnectionLost, DiskFull, HostError
+from switchover.errors import ConnectionLost, DiskFull, HostError, Interrupted
 from switchover.hosts import HostSpec
 from switchover.transport.base import (
     Result,
     StepWatch,
     SyncStats,
+    _kill_group,
     _text,
     parse_rsync_stats,
     rsync_args,
@@ -91,7 +92,10 @@ class SshTransport:
         self._control_dir = tempfile.mkdtemp(prefix="swo-", dir="/tmp")
         self._connected = False
         self._deferred = False  # connect() asked for; the first command opens the master
-        self._opening: _Opening | None = None  # open_early() started the master
+        self._opening: _Opening | None = None  # a master being opened in the background
+        self._cap_first = False  # the next command is the first over an early master
+        self._closed = False
+        self._lock = threading.Lock()  # _opening: the waiting command vs close()
         self.abort: threading.Event | None = None
 
     def _base_args(self) -> list[str]:
@@ -128,12 +132,23 @@ class SshTransport:
     def open_early(self) -> None:
         """Start opening the master connection in the background and return at once: the
         TCP and key exchange and the login overlap local work (the artifact scan). The
-        first command waits for it and reports its failure as `_open_master` would."""
-        if self._connected or self._opening is not None:
-            return
-        # The master forks into the background (-f, after login) and keeps its stderr: give
-        # it a file, not a pipe, or a read would wait for the master to exit.
-        err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by _finish_opening or close)
+        first command waits for it, bounded like the first command that opens a master
+        (see `run`), and reports its failure the same way."""
+        self._begin_opening(FIRST_COMMAND_LIMIT, early=True)
+
+    def _begin_opening(self, login_limit: float, early: bool) -> None:
+        with self._lock:
+            if self._closed:
+                raise Interrupted("the connection was closed", host=self.host.name)
+            if not self._connected and self._opening is None:
+                self._opening = self._start_master(login_limit, early)
+
+    def _start_master(self, login_limit: float, early: bool) -> _Opening:
+        """`ssh -M -N -f`: it goes to the background once logged in; its exit says how."""
+        deadline = time.monotonic() + self.options.connect_timeout + login_limit
+        # The forked master keeps the stderr it was given: a file, not a pipe, or a read
+        # would wait for the master to exit.
+        err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by _end_opening)
         try:
             proc = subprocess.Popen(
                 [*self._base_args(), "-o", "ControlMaster=yes",
@@ -142,31 +157,67 @@ class SshTransport:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True,
             )
+        except OSError as e:  # no ssh here, or no process to spare: this host's failure
+            err.close()
+            return _Opening(None, None, deadline, early, f"cannot run ssh: {e.strerror or e}")
         except BaseException:
             err.close()
             raise
-        self._opening = _Opening(proc, err, time.monotonic() + self.options.connect_timeout + 5)
+        return _Opening(proc, err, deadline, early)
 
     def _finish_opening(self) -> None:
-        opening, self._opening = self._opening, None
+        """Wait for the master `open_early` started. Cut off by its deadline, an abort or a
+        second Ctrl-C, as a command would be; a transport closed meanwhile runs nothing."""
+        opening = self._opening
         if opening is None:
             return
+        proc = opening.proc
         try:
-            try:
-                rc = opening.proc.wait(timeout=max(0.0, opening.deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                opening.proc.kill()
-                opening.proc.wait()
-                raise HostError("could not connect: timed out", host=self.host.name) from None
-            opening.err.seek(0)
-            stderr = opening.err.read()
-        finally:
-            opening.err.close()
-        if rc != 0:
-            raise HostError(
-                f"could not connect: {describe_ssh_failure(stderr)}", host=self.host.name
-            )
-        self._connected = True
+            if proc is not None:
+                watch = StepWatch(max(0.0, opening.deadline - time.monotonic()),
+                                  self.host.name, "connecting", self.abort)
+                while True:
+                    try:
+                        proc.wait(timeout=watch.next_wait())
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+        except HostError:
+            self._end_opening(opening)
+            raise HostError("could not connect: timed out", host=self.host.name) from None
+        except BaseException:
+            self._end_opening(opening)
+            raise
+        stderr = self._end_opening(opening)
+        if self._closed:
+            raise Interrupted("connecting interrupted: the connection was closed",
+                              host=self.host.name)
+        if opening.failure is not None:
+            raise HostError(f"could not connect: {opening.failure}", host=self.host.name)
+        if proc is not None and proc.returncode != 0:
+            raise HostError(f"could not connect: {describe_ssh_failure(stderr)}",
+                            host=self.host.name)
+        # Logged in, but the master may be gone since (idle longer than ControlPersist
+        # while the artifact was unpacked): then the first command opens one, as usual.
+        if self._connected and opening.early:
+            self._cap_first = True
+
+    def _end_opening(self, opening: _Opening) -> str:
+        """Stop a login still in progress, note a master that is up, return ssh's stderr.
+        Called by the waiting command and by close(), whichever comes first."""
+        with self._lock:
+            if self._opening is not opening:
+                return ""
+            self._opening = None
+            if opening.proc is not None and opening.proc.poll() is None:
+                _kill_group(opening.proc)  # still logging in: ssh has not gone to the background
+            # The master creates its socket before it forks: if it is there, it is ours.
+            self._connected = self._connected or bool(os.listdir(self._control_dir))
+            if opening.err is None:
+                return ""
+            with opening.err:
+                opening.err.seek(0)
+                return opening.err.read()
 
     def _ensure_master(self) -> None:
         if self._opening is not None:
@@ -175,9 +226,8 @@ class SshTransport:
             self._open_master()
 
     def _open_master(self) -> None:
-        if not self._connected:
-            self.open_early()
-            self._finish_opening()
+        self._begin_opening(5.0, early=False)
+        self._finish_opening()
 
     def reconnect(self) -> None:
         """Make sure a master connection is up again after the link dropped."""
@@ -197,13 +247,22 @@ class SshTransport:
         # The remote login shell parses this one string; the script itself is one quoted word.
         # `input` goes over the channel as the script's stdin, never into argv.
         command = "sh -c " + shlex.quote(script)
+        if self._closed:  # a worker still going after the deploy ended (second Ctrl-C)
+            raise Interrupted("the connection was closed", host=self.host.name)
         if self._opening is not None:
             self._finish_opening()
         if self._deferred and not self._connected:
             return self._run_as_master(command, timeout, input)
+        if self._cap_first:
+            # The first command after an early login: a host that logs in but hangs opening
+            # a session (PAM, a dead home directory) is cut off as `_run_as_master` would.
+            self._cap_first = False
+            timeout = min(timeout or FIRST_COMMAND_LIMIT, FIRST_COMMAND_LIMIT)
         if self._connected:
             with contextlib.suppress(MuxUnavailable):
                 return self._run_over_master(command, timeout, input)
+        if self._closed:  # closed while this command waited for the master
+            raise Interrupted("the connection was closed", host=self.host.name)
         argv = [*self._command_args(), "--", self.host.destination, command]
         cp = run_process(argv, timeout=timeout, host=self.host.name, what="remote command",
                          abort=self.abort, input=input)
@@ -308,14 +367,13 @@ class SshTransport:
                              self.host.name)
 
     def close(self) -> None:
-        if self._opening is not None:
+        with self._lock:
+            self._closed = True
+            opening = self._opening
+        if opening is not None:
             # Never waited for (the deploy stopped before its first command): stop a login
             # still in progress; a master that already forked is ended below, over its socket.
-            opening, self._opening = self._opening, None
-            opening.proc.kill()
-            opening.proc.wait()
-            opening.err.close()
-            self._connected = bool(os.listdir(self._control_dir))
+            self._end_opening(opening)
         if self._connected:
             # Asking the master over its socket costs no process; `ssh -O exit` costs one
             # ssh start per host (a 50-host deploy on 2 cores pays ~0.1 s of wall for them).
@@ -333,11 +391,13 @@ class SshTransport:
 
 @dataclass
 class _Opening:
-    """A master connection being opened in the background (`open_early`)."""
+    """A master connection being opened in the background (`_start_master`)."""
 
-    proc: subprocess.Popen[bytes]
-    err: IO[str]  # its stderr, a file: the forked master keeps it open
+    proc: subprocess.Popen[bytes] | None  # None: ssh could not be started (see failure)
+    err: IO[str] | None  # its stderr, a file: the forked master keeps it open
     deadline: float  # time.monotonic() by which login must be done
+    early: bool  # open_early(): the first command after it is capped (see run)
+    failure: str | None = None
 
 
 FIRST_COMMAND_LIMIT = 30.0  # seconds, beyond ConnectTimeout, for the master's first command
