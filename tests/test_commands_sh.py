@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switchover import commands as C
+from switchover.clonepatch import parse_listing
 from switchover.hostops import parse_state
 from switchover.layout import Layout
 from switchover.manage import last_deploy
@@ -420,3 +421,55 @@ def test_state_read_keeps_the_last_deploy_however_far_back(tmp_path):
     assert state.history == [*lines[:2], *lines[4:6], *lines[-C.RECENT_HISTORY:]]
     last = last_deploy(state.history, None)
     assert last is not None and (last["release"], last["state"]) == (gone, "failed")
+
+
+def test_clone_release_links_the_live_files_and_lists_the_clone(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    live = "20260101_000000"
+    make_release(lay, live, "v1")
+    src = Path(lay.release(live))
+    (src / "static" / "js").mkdir(parents=True)
+    (src / "static" / "js" / "a b.js").write_text("js")
+    (src / "link").symlink_to("index.html")
+    os.utime(src / "static", (1_700_000_000, 1_700_000_000))
+    staging = Path(lay.staging("20260102_000000"))
+    staging.mkdir(parents=True)
+    (staging / "leftover").write_text("from an earlier attempt")
+    r = subprocess.run(["sh", "-c", C.clone_release(lay, str(src), "20260102_000000",
+                                                    ["root"], ["root"])],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    head, _, data = r.stdout.partition(C.SECTION + "listing\n")
+    assert C.parse_sections(head)["ids"] == ["u root 0", "g root 0"]  # the suite runs as root
+    listed = parse_listing(data)
+    assert sorted(listed) == ["index.html", "link", "static", "static/js", "static/js/a b.js"]
+    assert listed["link"].target == "index.html" and listed["index.html"].size == 2
+    # the same inodes as the live release (nothing copied), nothing left from before
+    assert (staging / "index.html").stat().st_ino == (src / "index.html").stat().st_ino
+    assert not (staging / "leftover").exists()
+    # every directory of the clone, and only of the clone, at time 0: rsync sets them all
+    assert listed["static"].mtime_ns == 0 and (staging / "static").stat().st_mtime == 0
+    assert (src / "static").stat().st_mtime == 1_700_000_000
+    # and removing from the clone leaves the live release whole
+    rm = subprocess.run(["sh", "-c", C.remove_paths(lay, "20260102_000000")],
+                        input="static/js\0index.html\0", capture_output=True, text=True)
+    assert rm.returncode == 0 and sorted(os.listdir(staging)) == ["link", "static"]
+    assert (src / "index.html").read_text() == "v1" and (src / "static/js/a b.js").exists()
+
+
+def test_clone_release_says_so_where_the_host_cannot_clone(tmp_path):
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    make_release(lay, "20260101_000000")
+    staging = Path(lay.staging("20260102_000000"))
+    staging.mkdir(parents=True)
+    bare = tmp_path / "bin"  # a find without -printf (BusyBox)
+    bare.mkdir()
+    (bare / "find").write_text("#!/bin/sh\nexit 1\n")
+    (bare / "find").chmod(0o755)
+    r = subprocess.run(["sh", "-c", C.clone_release(lay, lay.release("20260101_000000"),
+                                                    "20260102_000000")],
+                       env={"PATH": f"{bare}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert r.returncode == C.RC_NO_CLONE
+    assert staging.is_dir() and not list(staging.iterdir())

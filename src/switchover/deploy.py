@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from switchover import clonepatch, sentmanifests
 from switchover import manifest as M
-from switchover import sentmanifests
 from switchover.artifact import Artifact
 from switchover.config import Environment
 from switchover.context import RunContext
@@ -156,6 +156,9 @@ class Deployer:
         self._memo_lock = threading.RLock()
         self._live_manifests: dict[str, dict[str, dict[str, Any]] | None] = {}
         self._manifest: bytes | None = None
+        self._listed = False
+        self._plans = clonepatch.PlanCache()
+        self._local_listing: dict[str, clonepatch.Node] | None = None
         self.cleaning_up = False  # set once a rollback or cleanup has begun
         self.t0 = time.monotonic()
 
@@ -208,6 +211,20 @@ class Deployer:
             if digest not in self._live_manifests:
                 self._live_manifests[digest] = sentmanifests.load(digest)
             return self._live_manifests[digest]
+
+    def _listing(self) -> dict[str, clonepatch.Node] | None:
+        """The artifact's full listing for clone uploads, made once for every host (begun
+        while the hosts connect, see _phases); None if it cannot be listed faithfully
+        (every host then uploads the whole tree)."""
+        with self._memo_lock:
+            if not self._listed:
+                self._listed = True
+                try:
+                    self._local_listing = clonepatch.local_listing(
+                        self.artifact.tree, self.env.artifact.exclude)
+                except clonepatch.Unlistable as e:
+                    self.out.note(f"uploading whole trees: {e}")
+            return self._local_listing
 
     def _manifest_bytes(self) -> bytes:
         """The new release's manifest, built once for every host and kept locally so the
@@ -347,7 +364,9 @@ class Deployer:
         with self.out.transfer(run.name, self.artifact.files, self.artifact.size) as progress:
             run.stats = ops.upload(self.artifact.tree, release, link_dest,
                                    self.env.artifact.exclude, progress, self.artifact.entries,
-                                   live_files=live)
+                                   live_files=live,
+                                   listing=self._listing() if live is not None else None,
+                                   plans=self._plans)
         sent = run.stats.files_transferred
         sent_bytes = human_size(run.stats.bytes_transferred)
         self.out.step(run.name, f"uploaded: {sent} file{'' if sent == 1 else 's'} changed "
@@ -605,6 +624,9 @@ class Deployer:
         # the steps in flight at once.
         for r in runs:
             r.ops.transport.abort = self.halt
+        # The artifact's listing is made while the hosts connect and lock (they wait on the
+        # network): the first upload needs it.
+        threading.Thread(target=self._listing, name="listing", daemon=True).start()
         # 1 + 2. prepare and stage: pipelined per host when every host has a worker (see
         # _prepare_and_stage); in two waves when `parallel` is smaller than the fleet (a
         # worker waiting for a host that has none would wait forever).

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from switchover import clonepatch, locks, quickcheck
 from switchover import commands as C
-from switchover import locks, quickcheck
 from switchover import manifest as M
 from switchover.errors import (
     ConnectionLost,
@@ -307,16 +307,26 @@ class HostOps:
     def upload(self, tree: Path, release: str, link_dest: str | None,
                exclude: Sequence[str], progress: ProgressCallback | None = None,
                entries: dict[str, dict[str, Any]] | None = None,
-               live_files: Mapping[str, Mapping[str, Any]] | None = None) -> SyncStats:
+               live_files: Mapping[str, Mapping[str, Any]] | None = None,
+               listing: Mapping[str, clonepatch.Node] | None = None,
+               plans: clonepatch.PlanCache | None = None) -> SyncStats:
         """rsync the tree into the release's staging dir, unchanged files hard-linked from
         link_dest. With the live release's manifest (`live_files`), rsync's quick check is
         used and the few files it could get wrong are sent again (quickcheck.py); without
-        it, --checksum."""
+        it, --checksum. With that manifest and the tree's `listing` too, the live release
+        is cloned on the host and only the difference is sent (clonepatch.py)."""
         dest = self.layout.staging(release)
         # The manifest (stored at finalize) describes the tree as it is here, not as it lands.
         scanned = entries if entries is not None else M.scan(tree, exclude)
         self._manifests[release] = scanned
         quick = link_dest is None or quickcheck.usable(live_files, scanned, exclude)
+        if link_dest and quick and live_files is not None and listing is not None \
+                and self.transport.can_patch():
+            stats = self._clone_upload(tree, release, link_dest, live_files, scanned, listing,
+                                       plans)
+            if stats is not None:
+                pause("after_upload", self.name)
+                return stats
         force = quickcheck.suspects(live_files, scanned) if link_dest and quick and \
             live_files is not None else []
         if self.tracer is not None:
@@ -339,6 +349,65 @@ class HostOps:
                               stats.bytes_sent + extra.bytes_sent)
         pause("after_upload", self.name)
         return stats
+
+    def _clone_upload(self, tree: Path, release: str, source: str,
+                      live_files: Mapping[str, Mapping[str, Any]],
+                      scanned: Mapping[str, Mapping[str, Any]],
+                      listing: Mapping[str, clonepatch.Node],
+                      plans: clonepatch.PlanCache | None) -> SyncStats | None:
+        """Clone `source` into staging, patch it into the tree; None: upload it whole."""
+        users, groups = clonepatch.names(listing)
+        try:
+            r = self.run(C.clone_release(self.layout, source, release, users, groups))
+            if r.rc == C.RC_NO_CLONE:
+                self._trace("# no GNU find or cp -al on the host: the whole tree is synced")
+                return None
+            self._must(r, "cloning the live release")
+            head, marker, data = r.stdout.partition(C.SECTION + "listing\n")
+            ids = C.parse_sections(head).get("ids")
+
+            def make() -> clonepatch.Patch:
+                if not marker:
+                    raise clonepatch.Unlistable("no listing in the output")
+                remote = clonepatch.parse_listing(data)
+                owners = clonepatch.parse_ids(ids, users, groups) if ids is not None else None
+                return clonepatch.plan(listing, remote, live_files, scanned, owners)
+
+            # Hosts on one live release list the same clone: planned once for all of them.
+            key = (id(live_files), tuple(ids) if ids is not None else None, data)
+            patch = plans.get(key, make) if plans is not None else make()
+            self._trace(f"# sync {tree}/ -> {self.layout.staging(release)}/ as a clone of "
+                        f"{source}: {len(patch.remove)} path(s) removed, {len(patch.send)} "
+                        "sent (every directory, and the files that differ)")
+            if patch.remove:
+                paths = b"".join(p.encode() + b"\0" for p in patch.remove)
+                self._must(self.run(C.remove_paths(self.layout, release), input=paths),
+                           "removing paths from the clone")
+        except clonepatch.Unlistable as e:
+            self._trace(f"# the clone cannot be listed faithfully ({e}): the whole tree is "
+                        "synced")
+            return self._unclone(release)
+        except ConnectionLost as e:
+            self._say(f"{self.name}: {e.message}; uploading the whole tree instead")
+            with contextlib.suppress(HostError):
+                self.transport.reconnect()
+            return self._unclone(release)
+        stats = self._with_retries(release, lambda: self.transport.sync(
+            tree, self.layout.staging(release), link_dest=None, exclude=(),
+            timeout=self.timeout, only=patch.send))
+        files = sum(1 for e in scanned.values() if e.get("type") == "file")
+        return SyncStats(files, stats.files_transferred, stats.bytes_transferred,
+                         stats.bytes_sent)
+
+    def _unclone(self, release: str) -> None:
+        """Empty staging again before the whole tree is synced into it: rsync must not take
+        the clone's files (the live release's inodes) for its own and set their modes or
+        times in place."""
+        self._must(self.run(C.reset_staging(self.layout, release)), "emptying staging")
+
+    def _trace(self, text: str) -> None:
+        if self.tracer is not None:
+            self.tracer.trace(self.name, text)
 
     def _with_retries(self, release: str, sync: Callable[[], SyncStats]) -> SyncStats:
         """Run one rsync pass; a dropped link is retried (resuming partial files)."""

@@ -99,6 +99,10 @@ class Transport(Protocol):
 
     def close(self) -> None: ...
 
+    def can_patch(self) -> bool:
+        """Whether sync(only=...) really sends the listed paths (a clone upload needs it)."""
+        ...
+
 
 _abort_generation = 0
 

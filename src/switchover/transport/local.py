@@ -101,6 +101,9 @@ class LocalTransport:
     def close(self) -> None:
         return None
 
+    def can_patch(self) -> bool:
+        return shutil.which("rsync") is not None  # without it, sync(only=...) sends nothing
+
 
 def excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
     """rsync's --exclude matching, so the manifest lists exactly what rsync uploads.

@@ -363,6 +363,9 @@ class SshTransport:
         return rsync_compare(rsync, src, f"{self.host.destination}:{dest}", exclude,
                              self.host.name)
 
+    def can_patch(self) -> bool:
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -1,0 +1,149 @@
+"""A redeploy clones the live release on the host and patches the clone (clonepatch.py):
+the new release must be the artifact exactly, and the live release must not change."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from project import Project, local_target
+
+T0 = 1_700_000_000
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Everything rsync -a sets, per path (the root itself aside: moving the release into
+    place may touch its times). A directory's time in whole seconds: rsync leaves one that
+    differs by less than that alone (its default --modify-window), cloned or not."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns // 10**9)
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                            hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def write(p: Path, text: str, mtime: int, mode: int = 0o644) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    p.chmod(mode)
+    os.utime(p, (mtime, mtime))
+
+
+def pin_dirs(root: Path) -> None:
+    """Directory times as a build would leave them (set last: writing changes them)."""
+    for dirpath, dirnames, _ in os.walk(root, topdown=False):
+        for name in dirnames:
+            d = Path(dirpath, name)
+            if not d.is_symlink():
+                os.utime(d, (T0 + 7, T0 + 7))
+
+
+def release_dir(p: Project, host: str, release: str | None) -> Path:
+    assert release is not None
+    return p.root(host) / "releases" / release
+
+
+def test_a_redeploy_is_the_artifact_exactly_and_the_live_release_is_untouched(project: Project):
+    p = project
+    app = p.app
+    shutil.rmtree(app)
+    write(app / "index.html", "v1\n", T0)
+    write(app / "pinned.txt", "aaaa\n", T0)  # changes content, keeps size and mtime
+    write(app / "sub/pinned.txt", "cccc\n", T0)  # the same, deeper
+    write(app / "mode.sh", "#!/bin/sh\n", T0)  # changes mode only
+    write(app / "touched.txt", "same\n", T0)  # changes mtime only
+    write(app / "gone.txt", "bye\n", T0)
+    write(app / "docs/old.txt", "old\n", T0)  # removed: its directory's time changes there
+    write(app / "docs/keep.txt", "keep\n", T0)
+    write(app / "olddir/a/b.txt", "deep\n", T0)
+    write(app / "becomes_dir", "file\n", T0)
+    write(app / "becomes_file/x.txt", "x\n", T0)
+    write(app / "drifted.txt", "as uploaded\n", T0)  # edited on the host, same in v2
+    write(app / "chmodded.txt", "as uploaded\n", T0)  # chmod-ed on the host, same in v2
+    for i in range(30):
+        write(app / "static" / f"asset{i}.js", f"// {i}\n" * 50, T0)
+    os.symlink("static/asset1.js", app / "retarget")
+    os.symlink("static/asset2.js", app / "link_to_file")
+    pin_dirs(app)
+    p.ok("deploy", "test")
+    hosts = p.target.hosts
+
+    # drift on every host, in the live release: the next release must not carry it
+    for h in hosts:
+        live = release_dir(p, h, p.current(h))
+        (live / "drifted.txt").write_text("hotfixed!!!\n")
+        (live / "chmodded.txt").chmod(0o600)
+        (live / "stray.txt").write_text("left by hand\n")
+    before = {h: tree(release_dir(p, h, p.current(h))) for h in hosts}
+    first = {h: p.current(h) for h in hosts}
+
+    write(app / "pinned.txt", "bbbb\n", T0)
+    write(app / "sub/pinned.txt", "dddd\n", T0)
+    (app / "mode.sh").chmod(0o755)
+    os.utime(app / "touched.txt", (T0 + 60, T0 + 60))
+    (app / "gone.txt").unlink()
+    (app / "docs/old.txt").unlink()
+    shutil.rmtree(app / "olddir")
+    (app / "becomes_dir").unlink()
+    write(app / "becomes_dir/inner.txt", "now a dir\n", T0)
+    shutil.rmtree(app / "becomes_file")
+    write(app / "becomes_file", "now a file\n", T0)
+    (app / "retarget").unlink()
+    os.symlink("static/asset3.js", app / "retarget")
+    (app / "link_to_file").unlink()
+    write(app / "link_to_file", "was a link\n", T0)
+    os.symlink("index.html", app / "new_link")
+    write(app / "new/deeper/file.txt", "new\n", T0 + 3)
+    (app / "empty_dir").mkdir()
+    write(app / "static/asset5.js", "// changed\n", T0 + 9)
+    pin_dirs(app)
+    expected = tree(app)
+
+    r = p.ok("-vv", "deploy", "test")
+    assert "as a clone of" in r.stderr  # the path under test was taken
+    for h in hosts:
+        new = p.current(h)
+        assert new != first[h]
+        assert tree(release_dir(p, h, new)) == expected, h
+        assert tree(release_dir(p, h, first[h])) == before[h], h  # not a byte, mode or time
+    p.ok("verify", "test")
+
+
+def test_a_host_without_gnu_find_gets_the_whole_tree(tmp_path: Path):
+    # BusyBox find has no -printf: the upload falls back to rsync of the whole tree.
+    p = Project(tmp_path / "proj", local_target(tmp_path))
+    p.ok("deploy", "test")
+    first = p.current()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = shutil.which("find")
+    (fake / "find").write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -printf ] && exit 1; done\nexec {real} "$@"\n')
+    (fake / "find").chmod(0o755)
+    index = p.app / "index.html"
+    stamp = index.stat().st_mtime
+    index.write_text("v2\n")  # same size and mtime: rsync's quick check would miss it
+    os.utime(index, (stamp, stamp))
+    (p.app / "static" / "asset3.js").unlink()
+    r = p.ok("-vv", "deploy", "test", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert "no GNU find or cp -al on the host" in r.stderr
+    assert "as a clone of" not in r.stderr
+    assert "(quick check;" in r.stderr  # and the file it would miss is sent again
+    assert "sync again, ignoring size and mtime: 1 file(s)" in r.stderr
+    new = release_dir(p, "localhost", p.current())
+    assert p.current() != first
+    assert (new / "index.html").read_text() == "v2\n"
+    assert not (new / "static" / "asset3.js").exists()
+    assert tree(new) == tree(p.app)
