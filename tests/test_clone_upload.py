@@ -74,7 +74,8 @@ def test_a_redeploy_is_the_artifact_exactly_and_the_live_release_is_untouched(pr
     write(app / "chmodded.txt", "as uploaded\n", T0)  # chmod-ed on the host, same in v2
     for i in range(30):
         write(app / "static" / f"asset{i}.js", f"// {i}\n" * 50, T0)
-    os.symlink("static/asset1.js", app / "retarget")
+    write(app / "#hash.txt", "v1\n", T0)  # rsync reads # and ; at the start of a list
+    os.symlink("static/asset1.js", app / "retarget")  # entry as a comment
     os.symlink("static/asset2.js", app / "link_to_file")
     pin_dirs(app)
     p.ok("deploy", "test")
@@ -108,7 +109,10 @@ def test_a_redeploy_is_the_artifact_exactly_and_the_live_release_is_untouched(pr
     write(app / "new/deeper/file.txt", "new\n", T0 + 3)
     (app / "empty_dir").mkdir()
     write(app / "static/asset5.js", "// changed\n", T0 + 9)
+    write(app / "#hash.txt", "v2\n", T0 + 1)
+    write(app / ";semi/x.txt", "new\n", T0)
     pin_dirs(app)
+    app.chmod(0o750)  # the release directory itself takes the artifact's mode
     expected = tree(app)
 
     r = p.ok("-vv", "deploy", "test")
@@ -117,7 +121,9 @@ def test_a_redeploy_is_the_artifact_exactly_and_the_live_release_is_untouched(pr
         new = p.current(h)
         assert new != first[h]
         assert tree(release_dir(p, h, new)) == expected, h
+        assert stat.S_IMODE(release_dir(p, h, new).stat().st_mode) == 0o750
         assert tree(release_dir(p, h, first[h])) == before[h], h  # not a byte, mode or time
+        assert stat.S_IMODE(release_dir(p, h, first[h]).stat().st_mode) == 0o755
     p.ok("verify", "test")
 
 
@@ -138,7 +144,7 @@ def test_a_host_without_gnu_find_gets_the_whole_tree(tmp_path: Path):
     os.utime(index, (stamp, stamp))
     (p.app / "static" / "asset3.js").unlink()
     r = p.ok("-vv", "deploy", "test", env={"PATH": f"{fake}:{os.environ['PATH']}"})
-    assert "no GNU find or cp -al on the host" in r.stderr
+    assert "cannot clone the live release (no GNU find or cp on the host)" in r.stderr
     assert "as a clone of" not in r.stderr
     assert "(quick check;" in r.stderr  # and the file it would miss is sent again
     assert "sync again, ignoring size and mtime: 1 file(s)" in r.stderr
@@ -147,3 +153,28 @@ def test_a_host_without_gnu_find_gets_the_whole_tree(tmp_path: Path):
     assert (new / "index.html").read_text() == "v2\n"
     assert not (new / "static" / "asset3.js").exists()
     assert tree(new) == tree(p.app)
+
+
+def test_a_clone_that_fails_halfway_is_removed_before_the_whole_tree_is_synced(tmp_path: Path):
+    # cp -l refused part way (a full disk, fs.protected_hardlinks): a whole-tree rsync into a
+    # staging dir still holding hard links to the live release would take them for its own
+    # and chmod them in place: the live release's files.
+    p = Project(tmp_path / "proj", local_target(tmp_path))
+    mode_only = p.app / "static" / "asset4.js"
+    p.ok("deploy", "test")
+    first = p.current()
+    live = release_dir(p, "localhost", first)
+    before = tree(live)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = shutil.which("cp")
+    (fake / "cp").write_text(f'#!/bin/sh\n{real} "$@"\necho "cp: cannot create hard link: '
+                             f'Operation not permitted" >&2\nexit 1\n')
+    (fake / "cp").chmod(0o755)
+    mode_only.chmod(0o600)  # same size, same mtime: only the mode differs
+    r = p.ok("-vv", "deploy", "test", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert "cannot clone the live release (cp: cannot create hard link" in r.stderr
+    assert "(quick check;" in r.stderr
+    new = release_dir(p, "localhost", p.current())
+    assert p.current() != first and tree(new) == tree(p.app)
+    assert tree(live) == before  # asset4.js there is still 0644

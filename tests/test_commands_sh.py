@@ -441,7 +441,8 @@ def test_clone_release_links_the_live_files_and_lists_the_clone(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     head, _, data = r.stdout.partition(C.SECTION + "listing\n")
-    assert C.parse_sections(head)["ids"] == ["u root 0", "g root 0"]  # the suite runs as root
+    # the suite runs as root
+    assert C.parse_sections(head)["ids"] == ["G 0", "root", "u root 0", "g root 0"]
     listed = parse_listing(data)
     assert sorted(listed) == ["index.html", "link", "static", "static/js", "static/js/a b.js"]
     assert listed["link"].target == "index.html" and listed["index.html"].size == 2

@@ -114,7 +114,10 @@ def local_listing(root: Path, exclude: Sequence[str]) -> dict[str, Node]:
     rule), so the release directory keeps the live one's mode and times.
     """
     out: dict[str, Node] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    def unreadable(e: OSError) -> None:
+        raise Unlistable(f"cannot read {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
         keep = []
@@ -154,8 +157,8 @@ def parse_listing(text: str) -> dict[str, Node]:
                 out[path] = Node("d", int(mode, 8), 0, _ns(mtime), int(uid), int(gid))
             elif kind == "l":
                 out[path] = Node("l", 0, 0, _ns(mtime), int(uid), int(gid), target)
-            else:
-                raise Unlistable(f"a special file on the host: {path!r}")
+            else:  # a socket or fifo left by the app: never in an artifact listed here
+                out[path] = Node(kind)
     except ValueError:
         raise Unlistable("an entry of the host's listing does not parse") from None
     for path in out:
@@ -175,15 +178,21 @@ def _ns(stamp: str) -> int:
 
 @dataclass(frozen=True)
 class Owners:
-    """Where the host's rsync runs as root it sets owners and groups, mapped by name: the
-    id each local id becomes there (a local id with no name, or a name the host does not
-    know, stays the same number)."""
+    """What the host's rsync does with owners: as root it sets owners and groups, by name
+    (a local id without a name, or with a name the host does not know, stays the number);
+    as another user it sets a file's group only if it is one of that user's groups."""
 
-    uids: Mapping[int, int]
+    uids: Mapping[int, int]  # local id -> the host's id of the same name
     gids: Mapping[int, int]
+    root: bool
+    groups: frozenset[int]  # the host user's groups
 
-    def expect(self, n: Node) -> tuple[int, int]:
-        return self.uids.get(n.uid, n.uid), self.gids.get(n.gid, n.gid)
+    def differ(self, n: Node, r: Node) -> bool:
+        """Whether rsync would give `n` other owners than the clone's `r` has."""
+        gid = self.gids.get(n.gid, n.gid)
+        if self.root:
+            return (self.uids.get(n.uid, n.uid), gid) != (r.uid, r.gid)
+        return gid in self.groups and gid != r.gid
 
 
 def names(local: Mapping[str, Node]) -> tuple[dict[str, int], dict[str, int]]:
@@ -200,12 +209,20 @@ def names(local: Mapping[str, Node]) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def parse_ids(lines: list[str], users: Mapping[str, int], groups: Mapping[str, int]) -> Owners:
-    """The host's answer to commands.clone_release's id lookups: "u NAME ID" / "g NAME ID"
-    (ID empty where the host has no such name)."""
+    """The ids section of commands.clone_release: "G ID ..." (the user's groups), "root",
+    "u NAME ID" / "g NAME ID" (ID empty where the host has no such name)."""
     uids: dict[int, int] = {}
     gids: dict[int, int] = {}
+    member: frozenset[int] = frozenset()
+    root = False
     for line in lines:
+        if line == "root":
+            root = True
+            continue
         kind, _, rest = line.partition(" ")
+        if kind == "G":
+            member = frozenset(int(g) for g in rest.split() if g.isdigit())
+            continue
         name, _, value = rest.rpartition(" ")
         if not value.isdigit():
             continue
@@ -213,7 +230,7 @@ def parse_ids(lines: list[str], users: Mapping[str, int], groups: Mapping[str, i
             uids[users[name]] = int(value)
         elif kind == "g" and name in groups:
             gids[groups[name]] = int(value)
-    return Owners(uids, gids)
+    return Owners(uids, gids, root, member)
 
 
 def plan(local: Mapping[str, Node], remote: Mapping[str, Node],
@@ -222,10 +239,9 @@ def plan(local: Mapping[str, Node], remote: Mapping[str, Node],
     """What turns the clone (`remote`) into the artifact (`local`).
 
     `live_files` / `new_files`: the live release's manifest and the artifact's (sha256 per
-    file). `owners`: given where the host's rsync runs as root (it sets owners and groups).
-    A user that is not root owns what it writes, and rsync gives a file the artifact's group
-    only if that user belongs to it: the clone keeps the live release's groups, which the
-    last upload set the same way; a group change alone is not carried over.
+    file). `owners`: what the host's rsync does with owners (None: leave them alone).
+    Nothing is ever empty to send: the root directory's mode and times are set with the
+    first entry (see transport.base.files_from), and the clone's are not the artifact's.
     """
     patch = Patch()
     gone: list[str] = []
@@ -236,11 +252,12 @@ def plan(local: Mapping[str, Node], remote: Mapping[str, Node],
             # inode the clone shares with the live release.
             gone.append(path)
     # Removing a directory removes what is under it: list only the topmost.
-    gone.sort()
-    for path in gone:
-        if not patch.remove or not path.startswith(patch.remove[-1] + "/"):
-            patch.remove.append(path)
-    removed, tops = set(gone), set(patch.remove)
+    tops: set[str] = set()
+    for path in sorted(gone, key=lambda p: p.count("/")):
+        if not _under(path, tops):
+            tops.add(path)
+    patch.remove = sorted(tops)
+    removed = set(gone)
     for path in sorted(local):
         n = local[path]
         r = remote.get(path)
@@ -248,13 +265,16 @@ def plan(local: Mapping[str, Node], remote: Mapping[str, Node],
                 or (n.kind == "f" and _file_differs(n, r, owners, live_files.get(path),
                                                     new_files.get(path)))):
             patch.send.append(path)
+    if not patch.send and local:
+        # Nothing changed: still one entry, so that the root directory gets its attributes.
+        patch.send.append(min(local, key=lambda p: (local[p].kind != "d", p.count("/"), p)))
     return patch
 
 
 def _differs(n: Node, r: Node, owners: Owners | None) -> bool:
     if (n.mode, n.size, n.mtime_ns, n.target) != (r.mode, r.size, r.mtime_ns, r.target):
         return True
-    return owners is not None and owners.expect(n) != (r.uid, r.gid)
+    return owners is not None and owners.differ(n, r)
 
 
 def _file_differs(n: Node, r: Node, owners: Owners | None, live: Mapping[str, Any] | None,

@@ -365,42 +365,57 @@ def _replace_with_link(src: str, dst: str) -> str:
 def clone_release(layout: Layout, source: str, release: str, users: Iterable[str] = (),
                   groups: Iterable[str] = ()) -> str:
     """Make the release's staging dir a hard-linked clone of `source` (the live release) and
-    list it (clonepatch.py). Where the host's user is root (its rsync sets owners): an "ids"
-    section with the host's ids of these user and group names ("u NAME ID", "g NAME ID", ID
-    empty if unknown there). Then clonepatch.FIELDS NUL-terminated fields per entry.
+    list it (clonepatch.py).
 
-    Exits RC_NO_CLONE, staging left empty, where that cannot be done (no GNU find or cp):
-    the caller uploads the whole tree instead.
+    Prints an "ids" section: the host user's groups ("G ID ID ..."), whether it is root
+    ("root"), and the host's ids of these user and group names ("u NAME ID", "g NAME ID",
+    ID empty if unknown there): rsync sets owners as root, and a group the user is in.
+    Then clonepatch.FIELDS NUL-terminated fields per entry.
+
+    Exits RC_NO_CLONE, staging empty (or exit 1 if it cannot be emptied), where that cannot
+    be done: no GNU find or cp on the host, or `cp -l` refused (a disk full, hard links to
+    other users' files refused by fs.protected_hardlinks). The caller uploads the whole tree.
     """
-    d = layout
-    staging = q(d.staging(release))
+    staging = layout.staging(release)
     lookups = [f"printf 'u %s %s\\n' {q(u)} \"$(id -u -- {q(u)} 2>/dev/null)\"" for u in users]
     lookups += [f"printf 'g %s %s\\n' {q(g)} \"$(getent group -- {q(g)} 2>/dev/null |"
                 " cut -d: -f3)\"" for g in groups]
     return _lines(
         f"find {q(source)} -maxdepth 0 -printf '' >/dev/null 2>&1 || exit {RC_NO_CLONE}",
-        f"rm -rf {staging}",
-        f"cp -al {q(source)} {staging} 2>/dev/null ||"
-        f" {{ rm -rf {staging}; mkdir -p {staging}; exit {RC_NO_CLONE}; }}",
-        f"cd {staging} || exit 1",
-        # rsync leaves a directory's time alone if it differs in less than a second (its
-        # default --modify-window): every directory is sent for its time, so give each one
-        # that rsync will see.
-        "find . -mindepth 1 -type d -exec touch -d @0 {} + 2>/dev/null ||"
-        f" {{ cd / && rm -rf {staging} && mkdir -p {staging}; exit {RC_NO_CLONE}; }}",
-        f"if [ \"$(id -u)\" = 0 ]; then echo {q(SECTION + 'ids')}",
+        _remove_dir(staging),
+        # Hard links to the files and symlinks; directories made anew, not copied with their
+        # ACLs or extended attributes (rsync -a, which this stands in for, sets neither).
+        f"cp -PRl {q(source)} {q(staging)} || {{ {_empty_dir(staging)}; exit {RC_NO_CLONE}; }}",
+        f"cd {q(staging)} || exit 1",
+        # Every directory writable (as whoever runs this) so paths can be removed from and
+        # written into it, and at time 0: rsync, which is sent every one, resets both, but
+        # leaves a time that differs by less than a second alone (its --modify-window).
+        "find . -type d -exec chmod u+rwx {} + -exec touch -d @0 {} + 2>/dev/null ||"
+        f" {{ cd / && {_empty_dir(staging)}; exit {RC_NO_CLONE}; }}",
+        f"echo {q(SECTION + 'ids')}",
+        'echo "G $(id -G)"; if [ "$(id -u)" = 0 ]; then echo root; fi',
         *lookups,
-        "fi",
         f"echo {q(SECTION + 'listing')}",
         # Numeric ids: names would be looked up once per entry (3x slower here).
         r"find . -mindepth 1 -printf '%y\0%m\0%s\0%T@\0%U\0%G\0%P\0%l\0'",
     )
 
 
+def _remove_dir(path: str) -> str:
+    """Remove `path` or fail (exit 1): directories of a clone may be read-only, and rm -rf
+    cannot remove what is in them."""
+    return (f"{{ if [ -d {q(path)} ]; then find {q(path)} -type d -exec chmod u+rwx {{}} +"
+            f" 2>/dev/null; fi; rm -rf {q(path)}; }} || exit 1")
+
+
+def _empty_dir(path: str) -> str:
+    """Make `path` an empty directory or fail (exit 1)."""
+    return f"{_remove_dir(path)}; mkdir {q(path)} || exit 1"
+
+
 def reset_staging(layout: Layout, release: str) -> str:
     """Empty the release's staging dir (a clone the caller will not patch)."""
-    staging = q(layout.staging(release))
-    return f"rm -rf {staging} && mkdir -p {staging}\n"
+    return _empty_dir(layout.staging(release)) + "\n"
 
 
 def remove_paths(layout: Layout, release: str) -> str:

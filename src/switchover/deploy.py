@@ -157,6 +157,7 @@ class Deployer:
         self._live_manifests: dict[str, dict[str, dict[str, Any]] | None] = {}
         self._manifest: bytes | None = None
         self._listed = False
+        self._listing_lock = threading.Lock()
         self._plans = clonepatch.PlanCache()
         self._local_listing: dict[str, clonepatch.Node] | None = None
         self.cleaning_up = False  # set once a rollback or cleanup has begun
@@ -216,13 +217,13 @@ class Deployer:
         """The artifact's full listing for clone uploads, made once for every host (begun
         while the hosts connect, see _phases); None if it cannot be listed faithfully
         (every host then uploads the whole tree)."""
-        with self._memo_lock:
+        with self._listing_lock:  # not _memo_lock: hosts arriving must not wait for this
             if not self._listed:
                 self._listed = True
                 try:
                     self._local_listing = clonepatch.local_listing(
                         self.artifact.tree, self.env.artifact.exclude)
-                except clonepatch.Unlistable as e:
+                except (clonepatch.Unlistable, OSError) as e:
                     self.out.note(f"uploading whole trees: {e}")
             return self._local_listing
 

@@ -360,8 +360,10 @@ class HostOps:
         try:
             r = self.run(C.clone_release(self.layout, source, release, users, groups))
             if r.rc == C.RC_NO_CLONE:
-                self._trace("# no GNU find or cp -al on the host: the whole tree is synced")
-                return None
+                why = r.stderr.strip() or "no GNU find or cp on the host"
+                self._trace(f"# cannot clone the live release ({why}): the whole tree is "
+                            "synced")
+                return self._unclone(release)
             self._must(r, "cloning the live release")
             head, marker, data = r.stdout.partition(C.SECTION + "listing\n")
             ids = C.parse_sections(head).get("ids")

@@ -13,6 +13,7 @@ from switchover.clonepatch import (
     PlanCache,
     Unlistable,
     local_listing,
+    parse_ids,
     parse_listing,
     plan,
 )
@@ -43,7 +44,6 @@ def test_the_hosts_listing_parses_every_kind_and_nanosecond_times():
 @pytest.mark.parametrize("text", [
     _entry("f", "644", 1, "1700000000.0", "a\nb"),  # a line break the transport may alter
     _entry("f", "644", 1, "1700000000.0", "caf\ufffd"),  # not UTF-8 on the host
-    _entry("p", "644", 0, "1700000000.0", "fifo"),  # a special file
     _entry("f", "644", 1, "1700000000.0", "a")[:-3],  # cut short
     _entry("f", "6x4", 1, "1700000000.0", "a"),  # garbage
     _entry("f", "644", 1, "yesterday", "a"),
@@ -102,9 +102,12 @@ def test_what_the_artifact_lacks_is_removed_topmost_only():
     d = Node("d", 0o755, 0, SEC)
     p = _plan({"keep": _f()},
               {"keep": _f(), "old": d, "old/x": _f(), "old/y/z": _f(), "stray": _f(),
-               "oldish": _f()})
-    assert p.remove == ["old", "oldish", "stray"]
-    assert p.send == []
+               "old-b": d, "old-b/c": _f(), "app.sock": Node("s")})
+    assert p.remove == ["app.sock", "old", "old-b", "stray"]
+    # nothing to send, yet one entry goes: with it rsync sets the root directory's mode and
+    # times (the clone's are not the artifact's)
+    assert p.send == ["keep"]
+    assert _plan({"f": _f(), "d": d, "d/e": d}, {"f": _f(), "d": d, "d/e": d}).send == ["d", "d/e"]
 
 
 def test_a_change_of_kind_is_removed_then_sent():
@@ -125,14 +128,29 @@ def test_a_symlink_is_replaced_when_it_differs_never_updated():
     assert p.send == ["new", "retarget", "touched"]
 
 
-def test_owners_count_only_where_the_hosts_rsync_sets_them():
-    local = {"a": _f(uid=501, gid=20), "b": _f(uid=0, gid=0)}
-    remote = {"a": _f(uid=1000, gid=1000), "b": _f(uid=0, gid=0)}
-    assert _plan(local, remote, None).send == []  # not root there: the clone's are kept
+def test_owners_count_where_the_hosts_rsync_sets_them():
+    d = Node("d", 0o755, 0, SEC)
+    local = {"d": d, "a": _f(uid=501, gid=20), "b": _f(uid=0, gid=0)}
+    remote = {"d": d, "a": _f(uid=1000, gid=1000), "b": _f(uid=0, gid=0)}
+    assert _plan(local, remote, None).send == ["d"]
     # root there: local 501/20 become the host's ids of the same names, 1000/1000
-    mapped = Owners(uids={501: 1000}, gids={20: 1000})
-    assert _plan(local, remote, mapped).send == []
-    assert _plan(local, remote, Owners(uids={}, gids={})).send == ["a"]
+    mapped = {"uids": {501: 1000}, "gids": {20: 1000}}
+    assert _plan(local, remote, Owners(**mapped, root=True, groups=frozenset())).send == ["d"]
+    unmapped = Owners(uids={}, gids={}, root=True, groups=frozenset())
+    assert _plan(local, remote, unmapped).send == ["a", "d"]
+    # another user: owners stay its own; a group only if it is one of the user's
+    assert _plan(local, remote, Owners(uids={}, gids={}, root=False,
+                                       groups=frozenset({1000}))).send == ["d"]
+    assert _plan(local, remote, Owners(uids={}, gids={}, root=False,
+                                       groups=frozenset({20, 1000}))).send == ["a", "d"]
+
+
+def test_the_hosts_ids_are_read_from_its_answer():
+    lines = ["G 1000 27 33", "u deploy 1001", "u ghost ", "g www-data 33", "g staff 50"]
+    got = parse_ids(lines, {"deploy": 501, "ghost": 502}, {"www-data": 33, "staff": 20})
+    assert got == Owners(uids={501: 1001}, gids={33: 33, 20: 50}, root=False,
+                         groups=frozenset({1000, 27, 33}))
+    assert parse_ids(["G 0", "root"], {}, {}).root
 
 
 def test_the_artifacts_listing_follows_the_excludes_and_refuses_what_it_cannot_carry(tmp_path):

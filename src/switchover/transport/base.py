@@ -248,8 +248,11 @@ _NO_SPACE = ("no space left on device", "disk quota exceeded")
 
 
 def files_from(paths: Sequence[str]) -> bytes:
-    """rsync --files-from=- --from0 input: any byte but NUL may be in a name."""
-    return b"".join(os.fsencode(p) + b"\0" for p in paths)
+    """rsync --files-from=- --from0 input: any byte but NUL may be in a name. Each path
+    starts with ./: rsync skips an entry starting with # or ; as a comment, even with
+    --from0; and ./ sends the tree's root itself (its mode, owner, times) as an implied
+    directory, which "." would not do without copying the whole top level."""
+    return b"".join(b"./" + os.fsencode(p) + b"\0" for p in paths)
 
 
 def rsync_failure(rc: int, stderr: str, host: str, what: str = "upload") -> TransferError:
