@@ -2,25 +2,27 @@
 
 `rsync --link-dest` of a whole tree makes the host stat and link every file through
 rsync's protocol: ~160 ms of host CPU for 2000 files here, on every host, on every deploy,
-for a 1% change. A clone does the same links in one `cp -al` (~35 ms), and what the new
+for a 1% change. A clone makes the same links in one `cp -PRl` (~35 ms), and what the new
 artifact changes is then known from two listings:
 
-- the clone's, made on the host by GNU `find -printf` right after `cp -al` (so it is the
-  live tree as it is now, drift included), and
+- the clone's, made on the host by GNU `find -printf` right after the copy (so it is the
+  live tree as it is now, drift made by hand included), and
 - the artifact's, made here with the same excludes as manifest.scan,
 
 plus the live release's manifest (what each live file contained when it was uploaded),
 which tells content changes that keep size and mtime (quickcheck.py) from none.
 
 The patch: remove what the artifact does not have (and what changes kind, and symlinks
-to be replaced), then one `rsync --files-from --ignore-times` of everything else that
-differs and of every directory (for their modes and mtimes). rsync writes each file to a
-temporary name and renames it: a file of the clone is replaced, never written in place,
-so the live release, which shares the clone's inodes, is never touched.
+to be replaced), then one `rsync --files-from --ignore-times` of every directory and of
+every file that differs. rsync writes each file to a temporary name and renames it: a file
+of the clone is replaced, never written in place, so the live release, which shares the
+clone's inodes, is never touched. Content changed by hand on the host with size and mtime
+kept is not seen (as rsync's quick check would not see it).
 
 What cannot be listed faithfully falls back to the whole-tree rsync: names that are not
-UTF-8 or hold a newline or carriage return, special files, a host without GNU find.
-Pure logic except `local_listing`, which reads the artifact.
+UTF-8 or hold a newline or carriage return, special files in the artifact, unreadable
+directories, a host without GNU find or `cp -l`. Pure logic except `local_listing` and
+`names`, which read the artifact and this machine's user database.
 """
 
 from __future__ import annotations

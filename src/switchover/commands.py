@@ -30,7 +30,7 @@ RC_NOT_STARTED = 79  # the detached switch step never started (we claimed its sl
 RC_STEP_DIED = 80  # the detached switch step died on the host without a result
 RC_NO_CURRENT = 81
 RC_NO_HASH = 82
-RC_NO_CLONE = 83  # no GNU find -printf or cp -al on the host: upload the whole tree
+RC_NO_CLONE = 83  # the live release cannot be cloned there: upload the whole tree
 
 SECTION = "@@switchover:"
 
