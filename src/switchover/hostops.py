@@ -329,18 +329,16 @@ class HostOps:
                 return stats
         force = quickcheck.suspects(live_files, scanned) if link_dest and quick and \
             live_files is not None else []
-        if self.tracer is not None:
-            how = "quick check" if quick else "--checksum"
-            self.tracer.trace(self.name, f"# sync {tree}/ -> {dest}/ ({how}"
-                              + (f"; unchanged files hard-linked from {link_dest}"
-                                 if link_dest else "") + ")")
+        how = "quick check" if quick else "--checksum"
+        self._trace(f"# sync {tree}/ -> {dest}/ ({how}"
+                    + (f"; unchanged files hard-linked from {link_dest}" if link_dest else "")
+                    + ")")
         stats = self._with_retries(release, lambda: self.transport.sync(
             tree, dest, link_dest=link_dest, exclude=exclude, timeout=self.timeout,
             progress=progress, checksum=not quick))
         if force:
-            if self.tracer is not None:
-                self.tracer.trace(self.name, f"# sync again, ignoring size and mtime: "
-                                  f"{len(force)} file(s) changed in content only")
+            self._trace(f"# sync again, ignoring size and mtime: {len(force)} file(s) "
+                        "changed in content only")
             extra = self._with_retries(release, lambda: self.transport.sync(
                 tree, dest, link_dest=None, exclude=(), timeout=self.timeout, only=force))
             stats = SyncStats(stats.files_total,
@@ -408,6 +406,7 @@ class HostOps:
         self._must(self.run(C.reset_staging(self.layout, release)), "emptying staging")
 
     def _trace(self, text: str) -> None:
+        """A note in the -vv trace (and the log file), among the scripts sent."""
         if self.tracer is not None:
             self.tracer.trace(self.name, text)
 
@@ -457,8 +456,7 @@ class HostOps:
     def compare(self, tree: Path, release: str, exclude: Sequence[str]) -> TreeDiff:
         """What uploading `tree` would change relative to `release`; writes nothing."""
         dest = self.layout.release(release)
-        if self.tracer is not None:
-            self.tracer.trace(self.name, f"# compare (dry run) {tree}/ with {dest}/")
+        self._trace(f"# compare (dry run) {tree}/ with {dest}/")
         return self.transport.compare(tree, dest, exclude=exclude, timeout=self.timeout)
 
     def finalize(self, release: str, files: Sequence[str], dirs: Sequence[str],
