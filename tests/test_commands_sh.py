@@ -5,6 +5,7 @@ import os
 import shutil
 import string
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from switchover.clonepatch import parse_listing
 from switchover.hostops import parse_state
 from switchover.layout import Layout
 from switchover.manage import last_deploy
+from switchover.transport.base import files_from
 
 
 def sh(script: str) -> subprocess.CompletedProcess:
@@ -474,3 +476,55 @@ def test_clone_release_says_so_where_the_host_cannot_clone(tmp_path):
                        env={"PATH": f"{bare}:/usr/bin:/bin"}, capture_output=True, text=True)
     assert r.returncode == C.RC_NO_CLONE
     assert staging.is_dir() and not list(staging.iterdir())
+
+
+def _as_nobody(script: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "sh", "-c", script], input=input, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="acting as another user needs root and setpriv")
+def test_a_clone_works_for_a_user_that_is_not_root_with_read_only_directories():
+    # Root removes from and writes into a 0555 directory; the usual deploy user cannot.
+    base = Path(tempfile.mkdtemp(prefix="swo-nonroot-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        lay = Layout(str(base / "app"))
+        sh(C.make_layout(lay))
+        live, new = "20260101_000000", "20260102_000000"
+        make_release(lay, live)
+        src = Path(lay.release(live))
+        (src / "ro").mkdir()
+        for name in ("a.txt", "b.txt"):
+            (src / "ro" / name).write_text("v1\n")
+        (src / "ro").chmod(0o555)
+        artifact = base / "artifact"
+        (artifact / "ro").mkdir(parents=True)
+        (artifact / "ro" / "a.txt").write_text("v2, longer\n")
+        (artifact / "ro").chmod(0o555)
+        subprocess.run(["chown", "-R", "65534:65534", str(base)], check=True)
+
+        r = _as_nobody(C.clone_release(lay, str(src), new))
+        assert r.returncode == 0, r.stderr
+        staging = Path(lay.staging(new))
+        assert (staging / "ro").stat().st_mode & 0o700 == 0o700  # writable while patched
+        r = _as_nobody(C.remove_paths(lay, new), input=b"ro/b.txt\0")
+        assert r.returncode == 0, r.stderr
+        r = _as_nobody(f"rsync -a --ignore-times --files-from=- --from0 {artifact}/ {staging}/",
+                       input=files_from(["ro", "ro/a.txt"]))
+        assert r.returncode == 0, r.stderr
+        assert (staging / "ro" / "a.txt").read_text() == "v2, longer\n"
+        assert not (staging / "ro" / "b.txt").exists()
+        assert (staging / "ro").stat().st_mode & 0o777 == 0o555  # the artifact's, again
+        # the live release: whole, its directory still read-only
+        assert sorted(os.listdir(src / "ro")) == ["a.txt", "b.txt"]
+        assert (src / "ro" / "a.txt").read_text() == "v1\n"
+        assert (src / "ro").stat().st_mode & 0o777 == 0o555
+        # and a clone with read-only directories can be emptied again
+        r = _as_nobody(C.reset_staging(lay, new))
+        assert r.returncode == 0, r.stderr
+        assert staging.is_dir() and not list(staging.iterdir())
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
