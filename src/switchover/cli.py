@@ -112,15 +112,22 @@ class Ctx:
         return self.run_ctx
 
     def host_ops(self, env: Environment) -> list[HostOps]:
-        """The environment's hosts, each script they run traced to the reporter (-vv, log)."""
+        """The environment's hosts, each script they run traced to the reporter (-vv, log):
+        the one made so far, or the one `attach` names later."""
         from switchover.session import open_hosts
 
         # The redactor env() made from this config's secrets; none made yet: read them.
         hosts = open_hosts(env, None if self.redact is _no_redaction else self.redact)
-        for h in hosts:
-            h.tracer = self.out
-            h.warn = self.out.warn if self.out is not None else None
+        if self.out is not None:
+            self.attach(hosts, self.out)
         return hosts
+
+    @staticmethod
+    def attach(hosts: list[HostOps], out: Reporter) -> None:
+        """Trace every script the hosts run to `out`, and warn through it."""
+        for h in hosts:
+            h.tracer = out
+            h.warn = out.warn
 
 
 class _Interrupts:
@@ -339,14 +346,15 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise UsageError(f"--url {url!r} is not an http:// or https:// URL")
-        out = obj.reporter("deploy", env)
         source, build = _artifact_path(obj, env, artifact)
         if dry_run:
             from switchover import plan
 
+            out = obj.reporter("deploy", env)
             return plan.dry_run(env, obj.host_ops(env), out, source, checks=checks, urls=urls,
                                 build=env.artifact.build if build else None, json_mode=obj.json)
         if build and env.artifact.build:
+            out = obj.reporter("deploy", env)
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
         from switchover.strategy import plan_batches
@@ -357,11 +365,14 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
             # touched: checked here too, as the first wave connects before the Deployer runs.
             plan_batches(env.strategy, [h.name for h in hosts], env.batch_size,
                          env.canary_hosts)
-            # The first wave of hosts connects while the artifact is scanned (or unpacked):
-            # the handshakes run in ssh processes, on a core this process is not using.
+            # The first wave of hosts connects while the reporter (rich) and the deploy code
+            # load and the artifact is scanned (or unpacked): the handshakes run in ssh
+            # processes, on a core this process is not using.
             for h in hosts[:env.parallel]:
                 h.open_early()
-            from switchover.deploy import Deployer  # imported while they connect
+            out = obj.out or obj.reporter("deploy", env)
+            obj.attach(hosts, out)
+            from switchover.deploy import Deployer
 
             art = prepare(source, env.artifact.exclude)
             try:
