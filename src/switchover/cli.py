@@ -338,7 +338,6 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
     """Upload a release to every host, switch to it, check it; roll back if it fails."""
 
     def body(obj: Ctx) -> int:
-        from switchover.artifact import prepare, run_build
         from switchover.secrets import load_secrets
 
         env = obj.env(environment)
@@ -354,6 +353,8 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
             return plan.dry_run(env, obj.host_ops(env), out, source, checks=checks, urls=urls,
                                 build=env.artifact.build if build else None, json_mode=obj.json)
         if build and env.artifact.build:
+            from switchover.artifact import run_build
+
             out = obj.reporter("deploy", env)
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
@@ -372,6 +373,7 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
                 h.open_early()
             out = obj.out or obj.reporter("deploy", env)
             obj.attach(hosts, out)
+            from switchover.artifact import prepare
             from switchover.deploy import Deployer
 
             art = prepare(source, env.artifact.exclude)

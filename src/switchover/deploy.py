@@ -39,13 +39,14 @@ from switchover.errors import (
 from switchover.fanout import fan_out
 from switchover.health import CheckOutcome, expand_url, fetch_url, with_retries
 from switchover.hostops import HostOps, HostState
-from switchover.output import Reporter, human_size
+from switchover.output import Reporter
 from switchover.releases import analyze, choose_release_id, new_release_id, select_prune
 from switchover.secrets import SECRETS_FILE, Secrets
 from switchover.secrets import upload as upload_secrets
 from switchover.session import hook_environment, report_step_hooks, run_hooks
 from switchover.strategy import plan_batches
 from switchover.transport import SyncStats
+from switchover.units import human_size
 
 
 class HookFailed(DeployFailed):

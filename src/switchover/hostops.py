@@ -29,12 +29,12 @@ from switchover.errors import (
 from switchover.faults import pause, pausing
 from switchover.hosts import HostSpec
 from switchover.layout import Layout
-from switchover.output import human_size
 from switchover.releases import ReleaseStates, analyze, is_release_id, utc_now_iso
 from switchover.secrets import redact_doc
 from switchover.transport import Result, SyncStats, Transport
 from switchover.transport.progress import ProgressCallback
 from switchover.treediff import TreeDiff
+from switchover.units import human_size
 
 
 class Tracer(Protocol):

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.text import Text
 
 from switchover.secrets import redact_doc
+from switchover.units import human_size
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -36,15 +37,6 @@ if TYPE_CHECKING:
 
 # Log files kept per log directory; older ones are removed when a new run starts.
 LOG_KEEP = 200
-
-
-def human_size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 def plain_requested() -> bool:

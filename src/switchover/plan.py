@@ -20,9 +20,10 @@ from switchover.errors import ArtifactError, HostError, LockedError, SwitchoverE
 from switchover.fanout import fan_out
 from switchover.health import expand_url
 from switchover.hostops import HostOps, HostState, describe_owner
-from switchover.output import Reporter, human_size
+from switchover.output import Reporter
 from switchover.releases import analyze, new_release_id, select_prune
 from switchover.treediff import TreeDiff, everything
+from switchover.units import human_size
 
 
 def compare_excludes(env: Environment) -> list[str]:

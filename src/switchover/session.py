@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from switchover.config import Environment
 from switchover.hostops import HostOps, SwitchStep
 from switchover.hosts import LOCAL
 from switchover.layout import Layout
 from switchover.locks import LockPolicy
-from switchover.output import Reporter
 from switchover.secrets import redactor_for
 from switchover.transport import LocalTransport, Result, SshOptions, SshTransport
+
+if TYPE_CHECKING:  # rich loads after the first ssh connections are started (cli.deploy)
+    from switchover.output import Reporter
 
 
 def open_hosts(env: Environment, redact: Callable[[str], str] | None = None) -> list[HostOps]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -78,6 +79,49 @@ def test_deploy_loads_only_what_it_uses(tmp_path: Path) -> None:
     # pydantic's plugin discovery was off for the config models only: the hooks and the
     # build command get the environment switchover was given.
     assert doc["env"] is False
+
+
+# Records the modules loaded when the first `ssh` process starts, then runs the CLI.
+SSH_PROBE = textwrap.dedent("""
+    import json, sys
+    seen = []
+    def hook(event, args):
+        if event == "subprocess.Popen" and not seen and args[1][:1] == ["ssh"]:
+            seen.append(sorted(sys.modules))
+    sys.addaudithook(hook)
+    from switchover.cli import main
+    try:
+        main(sys.argv[1:], prog_name="switchover")
+    except SystemExit as e:
+        code = e.code
+    with open(sys.argv[0] + ".modules", "w") as f:
+        json.dump({"at_ssh": seen[0] if seen else None, "code": code}, f)
+""")
+
+
+def test_deploy_starts_ssh_before_the_output_and_deploy_code_load(tmp_path: Path) -> None:
+    # The logins overlap the rest of start-up (rich, the deploy code, the artifact scan):
+    # each of these loaded first would delay every host's connection by its import time.
+    cfg = _project(tmp_path)
+    with socket.socket() as s:  # a port nobody listens on: the deploy fails, quickly
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg.write_text(cfg.read_text() + textwrap.dedent(f"""
+        [environments.remote]
+        hosts = ["root@127.0.0.1:{port}"]
+        deploy_to = "/srv/demo"
+    """))
+    probe = tmp_path / "probe.py"
+    probe.write_text(SSH_PROBE)
+    r = subprocess.run([sys.executable, str(probe), "deploy", "remote"], capture_output=True,
+                       text=True, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=60)
+    doc = json.loads(Path(f"{probe}.modules").read_text())
+    assert doc["code"] == 3, r.stderr  # could not connect
+    assert doc["at_ssh"] is not None, r.stderr
+    early = set(doc["at_ssh"])
+    assert {"switchover.config", "switchover.session"} <= early
+    assert not {"rich", "switchover.output", "switchover.deploy", "switchover.artifact",
+                "tarfile"} & early
 
 
 def test_deploy_with_webhook_and_url_check_loads_urllib(tmp_path: Path) -> None:
