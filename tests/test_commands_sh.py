@@ -478,6 +478,48 @@ def test_clone_release_says_so_where_the_host_cannot_clone(tmp_path):
     assert staging.is_dir() and not list(staging.iterdir())
 
 
+def test_staging_is_never_emptied_under_a_clone_still_running(tmp_path):
+    """A link that drops mid-clone leaves the clone script running on the host (until it
+    next writes to the dead channel). The fallback empties staging and rsyncs the whole
+    tree into it: it must wait for that clone, or the late `cp -l` would leave the live
+    release's inodes in staging for rsync to chmod and touch in place."""
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    live, new = "20260101_000000", "20260102_000000"
+    make_release(lay, live, "v1")
+    src = Path(lay.release(live))
+    for i in range(20):
+        (src / f"f{i}.txt").write_text("v1")
+    slow = tmp_path / "bin"  # a cp that takes its time, as on a big tree
+    slow.mkdir()
+    mark = tmp_path / "cp"
+    (slow / "cp").write_text(f"#!/bin/sh\ntouch {mark}.started\nsleep 1\n"
+                             f"/bin/cp \"$@\"\nrc=$?\ntouch {mark}.done\nexit $rc\n")
+    (slow / "cp").chmod(0o755)
+    env = {"PATH": f"{slow}:/usr/bin:/bin"}
+    cloning = subprocess.Popen(["sh", "-c", C.clone_release(lay, str(src), new)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"{mark}.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Path(f"{mark}.started").exists()
+        # A second clone meanwhile: refused at once, not run over the first one.
+        again = subprocess.run(["sh", "-c", C.clone_release(lay, str(src), new)], env=env,
+                               capture_output=True, text=True, timeout=30)
+        assert again.returncode == C.RC_NO_CLONE
+        assert "still running" in again.stderr
+        r = sh(C.reset_staging(lay, new))  # the fallback, while the first clone copies
+        assert r.returncode == 0, r.stderr
+        assert Path(f"{mark}.done").exists()  # it waited for the clone to finish
+        staging = Path(lay.staging(new))
+        assert staging.is_dir() and not list(staging.iterdir())
+    finally:
+        cloning.kill()
+        cloning.wait()
+    assert sorted(os.listdir(src)) == sorted(["index.html", *(f"f{i}.txt" for i in range(20))])
+
+
 def _as_nobody(script: str, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                            "sh", "-c", script], input=input, capture_output=True, timeout=30)

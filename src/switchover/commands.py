@@ -31,6 +31,7 @@ RC_STEP_DIED = 80  # the detached switch step died on the host without a result
 RC_NO_CURRENT = 81
 RC_NO_HASH = 82
 RC_NO_CLONE = 83  # the live release cannot be cloned there: upload the whole tree
+CLONE_LOCK_WAIT = 60  # seconds reset_staging waits for a cut-off clone to end
 
 SECTION = "@@switchover:"
 
@@ -372,9 +373,16 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
     ID empty if unknown there): rsync sets owners as root, and a group the user is in.
     Then clonepatch.FIELDS NUL-terminated fields per entry.
 
-    Exits RC_NO_CLONE, staging empty (or exit 1 if it cannot be emptied), where that cannot
-    be done: no GNU find or cp on the host, or `cp -l` refused (a disk full, hard links to
-    other users' files refused by fs.protected_hardlinks). The caller uploads the whole tree.
+    Exits RC_NO_CLONE where that cannot be done: no GNU find, cp or flock on the host, `cp
+    -l` refused (a disk full, hard links to other users' files refused by
+    fs.protected_hardlinks), or a clone still running there (see below). The caller empties
+    staging (reset_staging) and uploads the whole tree.
+
+    The script holds a lock (flock on the staging root) for as long as it or any process it
+    started runs. A clone cut off by a dropped link keeps running on the host until it next
+    writes to the dead channel; reset_staging waits for that lock, so it never empties
+    staging while an orphaned `cp -l` still fills it with the live release's inodes (which
+    a whole-tree rsync would then chmod and touch in place).
     """
     staging = layout.staging(release)
     lookups = [f"printf 'u %s %s\\n' {q(u)} \"$(id -u -- {q(u)} 2>/dev/null)\"" for u in users]
@@ -382,6 +390,10 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
                 " cut -d: -f3)\"" for g in groups]
     return _lines(
         f"find {q(source)} -maxdepth 0 -printf '' >/dev/null 2>&1 || exit {RC_NO_CLONE}",
+        f"[ -d {q(layout.staging_root)} ] && command -v flock >/dev/null 2>&1 ||"
+        f" exit {RC_NO_CLONE}",
+        f"exec 9<{q(layout.staging_root)}",
+        f"flock -n 9 || {{ echo 'a cut-off clone is still running' >&2; exit {RC_NO_CLONE}; }}",
         _remove_dir(staging),
         # Hard links to the files and symlinks; directories made anew, not copied with their
         # ACLs or extended attributes (rsync -a, which this stands in for, sets neither).
@@ -414,8 +426,16 @@ def _empty_dir(path: str) -> str:
 
 
 def reset_staging(layout: Layout, release: str) -> str:
-    """Empty the release's staging dir (a clone the caller will not patch)."""
-    return _empty_dir(layout.staging(release)) + "\n"
+    """Empty the release's staging dir (a clone the caller will not patch), once no clone
+    script holds the staging lock (see clone_release): waits up to CLONE_LOCK_WAIT seconds
+    for one cut off by a dropped link, then fails rather than race it."""
+    root = q(layout.staging_root)
+    return _lines(
+        f"if [ -d {root} ] && command -v flock >/dev/null 2>&1; then exec 9<{root};"
+        f" flock -w {CLONE_LOCK_WAIT} 9 || {{ echo 'a cut-off clone of the live release is"
+        f" still running on the host' >&2; exit 1; }}; fi",
+        _empty_dir(layout.staging(release)),
+    )
 
 
 def remove_paths(layout: Layout, release: str) -> str:
