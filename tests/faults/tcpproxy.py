@@ -3,7 +3,8 @@
 `DropProxy(("127.0.0.11", 2222))` listens on 127.0.0.1:<port> and forwards each connection
 to the target. With `cut_after=N`, a connection is reset once N bytes went client->server,
 for the next `cuts` connections (-1: every one); later connections pass through. `rate`
-throttles the upload direction (bytes/s) so a test can act while a transfer is running.
+throttles the upload direction (bytes/s) so a test can act while a transfer is running;
+`down_rate` the other direction (a command's output).
 Every loop is bounded by socket timeouts; `close()` stops everything.
 """
 
@@ -30,6 +31,7 @@ class DropProxy:
         self.cut_after: int | None = None
         self.cuts = 0
         self.rate: float | None = None
+        self.down_rate: float | None = None
         self.conns: list[Conn] = []
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
@@ -41,9 +43,10 @@ class DropProxy:
         self._thread.start()
 
     def plan(self, cut_after: int | None = None, cuts: int = 0,
-             rate: float | None = None) -> None:
+             rate: float | None = None, down_rate: float | None = None) -> None:
         with self._lock:
             self.cut_after, self.cuts, self.rate = cut_after, cuts, rate
+            self.down_rate = down_rate
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -75,7 +78,8 @@ class DropProxy:
         try:
             while not self._closed.is_set() and not conn.cut:
                 try:
-                    data = src.recv(65536)
+                    # Output throttled: small reads, so it trickles and a cut lands midway.
+                    data = src.recv(4096 if not up and self.down_rate else 65536)
                 except TimeoutError:
                     continue
                 if not data:
@@ -90,6 +94,11 @@ class DropProxy:
                         time.sleep(len(data) / rate)
                 else:
                     conn.down += len(data)
+                    rate = self.down_rate
+                    if rate:
+                        time.sleep(len(data) / rate)
+                    if conn.cut:  # cut while this chunk was held back
+                        break
                 dst.sendall(data)
         except OSError:
             pass

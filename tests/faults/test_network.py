@@ -183,3 +183,56 @@ def test_link_lost_during_switch_step_host_still_restarts(proxied):
         assert new != first and p.live_file("index.html", h) == "v2\n"
         assert (p.root(h) / "restarted").read_text().strip() == new
     check_invariants(p)
+
+
+def _files(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """Every file under root: mode, mtime (ns), inode and content."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if path.is_file() and not path.is_symlink():
+            out[str(path.relative_to(root))] = (st.st_mode, st.st_mtime_ns, st.st_ino,
+                                                path.read_bytes())
+    return out
+
+
+def test_link_lost_mid_clone_uploads_the_whole_tree_and_leaves_live_whole(proxied):
+    """The redeploy clones the live release on the host (hard links) and reads back its
+    listing; the link dies while that listing is on its way. The client reconnects, empties
+    staging and uploads the whole tree: the live release, whose inodes the clone shared, is
+    not touched (a mode-only change would otherwise be made in place on a shared inode)."""
+    p, proxy = proxied
+    many = p.app / "many"
+    many.mkdir()
+    for i in range(600):  # a listing of ~40 kB: seconds through the throttled link
+        (many / f"f{i:03d}.txt").write_text(f"{i}\n")
+    tool = p.app / "run.sh"
+    tool.write_text("#!/bin/sh\necho run\n")
+    tool.chmod(0o755)
+    p.ok("deploy", "test")
+    live = p.current("web1")
+    live_dir = p.root("web1") / "releases" / live
+    before = _files(live_dir)
+
+    (p.app / "index.html").write_text("v2\n")
+    tool.chmod(0o644)  # the same bytes, another mode: rsync would chmod the file in place
+    staging = p.root("web1") / ".switchover" / "staging"
+    proxy.plan(down_rate=8000)
+    client = Client(p, "deploy", "test")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(staging.glob("*/many/f599.txt")):
+        time.sleep(0.01)
+    assert any(staging.glob("*/many/f599.txt")), "the clone never showed up in staging"
+    assert proxy.cut_all() >= 1  # the clone is made; its listing is still on the way
+    proxy.plan()
+    r = client.finish()
+    assert r.returncode == 0, r.stderr
+    assert "uploading the whole tree instead" in r.stderr, r.stderr
+    assert _files(live_dir) == before
+    new = p.current("web1")
+    assert new != live and p.live_file("index.html", "web1") == "v2\n"
+    new_tool = p.root("web1") / "releases" / new / "run.sh"
+    assert new_tool.stat().st_mode & 0o777 == 0o644
+    assert new_tool.stat().st_ino != (live_dir / "run.sh").stat().st_ino
+    check_invariants(p)
+    assert _staging(p, "web1") == []
