@@ -9,7 +9,9 @@ For each fleet size N this starts N sshd hosts (tests/sshd_harness.py), then mea
                      multiplexed ssh connection per host, plus one `mv` per host
   floor+checksum     the same with `--checksum`, which switchover uses (see README)
 
-and counts SSH connections per host per deploy from the sshd logs. Run as root:
+and counts SSH connections per host per deploy from the sshd logs. The redeploys and the
+floors are timed in rounds (one 1% change, then each of the three), so that both sides
+of the ratio see the same minutes of this shared machine. Run as root:
 
     python3 bench/fleet_bench.py [--hosts 1,10,50] [--files 2000] [--mb 50] [--repeat 3]
 """
@@ -105,29 +107,26 @@ def bench(n: int, files: int, mb: int, repeat: int, work: Path) -> dict[str, flo
             f'deploy_to = "{fleet.remote_root}/sw"\nssh_config = "{fleet.ssh_config}"\n'
         )
         cold = switchover(cfg, "deploy", "bench")
-        redeploys, conns = [], []
+        # The floors: the same app on each host, in two chains of trees of their own (plain
+        # and --checksum), each a whole deploy behind, like switchover's releases.
+        base = f"{fleet.remote_root}/floor"
+        for h in fleet.hosts:
+            fleet.ssh(h.alias, f"mkdir -p {base}/r0 {base}/c0", check=True)
+        floor_once(fleet, app, base, "r0", "r1", checksum=False)  # cold, untimed
+        floor_once(fleet, app, base, "c0", "c1", checksum=True)
+        # One 1% change per round, then each of the three: this shared machine's speed
+        # drifts by ~20% over minutes, and both sides of the ratio must see the same ones.
+        redeploys, conns, floors, floors_c = [], [], [], []
         for i in range(repeat):
             change(all_files, 0.01, i)
             before = fleet.connection_counts()
             redeploys.append(switchover(cfg, "deploy", "bench"))
             after = fleet.connection_counts()
             conns.append(max(after[h] - before[h] for h in after))
-        # the floor: same app, same change, its own tree on each host
-        base = f"{fleet.remote_root}/floor"
-        for h in fleet.hosts:
-            fleet.ssh(h.alias, f"mkdir -p {base}/r0", check=True)
-        floor_once(fleet, app, base, "r0", "r1", checksum=False)  # cold, untimed
-        floors, floors_c = [], []
-        prev = "r1"
-        for i in range(repeat):
-            change(all_files, 0.01, 100 + i)
-            new = f"r{i + 2}"
-            floors.append(floor_once(fleet, app, base, prev, new, checksum=False))
-            prev = new
-            change(all_files, 0.01, 200 + i)
-            new = f"c{i + 2}"
-            floors_c.append(floor_once(fleet, app, base, prev, new, checksum=True))
-            prev = new
+            floors.append(floor_once(fleet, app, base, f"r{i + 1}", f"r{i + 2}",
+                                     checksum=False))
+            floors_c.append(floor_once(fleet, app, base, f"c{i + 1}", f"c{i + 2}",
+                                       checksum=True))
     return {
         "hosts": n,
         "cold": cold,
