@@ -56,7 +56,13 @@ def release_dir(p: Project, host: str, release: str | None) -> Path:
 
 
 def test_a_redeploy_is_the_artifact_exactly_and_the_live_release_is_untouched(project: Project):
-    p = project
+    redeploy_is_exact(project)
+
+
+def redeploy_is_exact(p: Project, host_user: tuple[int, int] | None = None) -> None:
+    """Deploy, drift the live release by hand, redeploy with every kind of change: the new
+    release is the artifact exactly and the live one keeps every byte, mode and time.
+    `host_user`: the (uid, gid) the hosts log in as, when not root (drift is made as it)."""
     app = p.app
     shutil.rmtree(app)
     write(app / "index.html", "v1\n", T0)
@@ -87,6 +93,9 @@ def test_a_redeploy_is_the_artifact_exactly_and_the_live_release_is_untouched(pr
         (live / "drifted.txt").write_text("hotfixed!!!\n")
         (live / "chmodded.txt").chmod(0o600)
         (live / "stray.txt").write_text("left by hand\n")
+        if host_user is not None:  # made by hand on the host, as its user
+            for name in ("drifted.txt", "stray.txt"):
+                os.chown(live / name, *host_user)
     before = {h: tree(release_dir(p, h, p.current(h))) for h in hosts}
     first = {h: p.current(h) for h in hosts}
 
