@@ -56,9 +56,13 @@ def change(files: list[Path], fraction: float, round_: int) -> None:
             f.write(rng.randbytes(64))
 
 
+# The interpreter that runs the timed `switchover` (main() sets it: --python).
+PYTHON = sys.executable
+
+
 def switchover(config: Path, *args: str) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "switchover", "-c", str(config), *args],
+    r = subprocess.run([PYTHON, "-m", "switchover", "-c", str(config), *args],
                        capture_output=True, text=True)
     took = time.perf_counter() - t0
     if r.returncode != 0:
@@ -143,13 +147,20 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--mb", type=int, default=50)
     ap.add_argument("--repeat", type=int, default=3)
+    venv = ROOT / ".venv" / "bin" / "python"
+    ap.add_argument("--python", default=str(venv) if venv.exists() else sys.executable,
+                    help="interpreter of the timed switchover (default: the README's .venv, "
+                         "where `./scripts/demo` and `./scripts/test` install it)")
     args = ap.parse_args()
+    global PYTHON
+    PYTHON = args.python
+    print(f"timing switchover under {PYTHON}", file=sys.stderr)
     if os.geteuid() != 0:
         raise SystemExit("run as root: the sshd hosts need their own mount namespaces")
     # An installed tool has .pyc files (pip compiles them). A source checkout run with
     # PYTHONDONTWRITEBYTECODE=1 compiles switchover's modules again at every start (~40 ms
     # per command): compile once, so the bench times the tool rather than the compiler.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True)
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(ROOT / "src")], check=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="swo-bench-") as tmp:
         for n in (int(x) for x in args.hosts.split(",")):
