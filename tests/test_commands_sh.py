@@ -520,6 +520,32 @@ def test_staging_is_never_emptied_under_a_clone_still_running(tmp_path):
     assert sorted(os.listdir(src)) == sorted(["index.html", *(f"f{i}.txt" for i in range(20))])
 
 
+def test_a_flock_that_cannot_lock_means_no_clone_and_never_blocks_the_fallback(tmp_path):
+    # BusyBox's flock has no -E or -w; some filesystems refuse locks. Either way no clone
+    # runs (nothing could hold the lock), and emptying staging must still work.
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    live, new = "20260101_000000", "20260102_000000"
+    make_release(lay, live, "v1")
+    staging = Path(lay.staging(new))
+    staging.mkdir(parents=True)
+    (staging / "partial").write_text("from an earlier attempt")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "flock").write_text('#!/bin/sh\necho "flock: unrecognized option" >&2\nexit 1\n')
+    (bare / "flock").chmod(0o755)
+    env = {"PATH": f"{bare}:/usr/bin:/bin"}
+    r = subprocess.run(["sh", "-c", C.clone_release(lay, lay.release(live), new)], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == C.RC_NO_CLONE
+    assert r.stderr.strip() == "flock cannot lock the staging directory"
+    assert (staging / "partial").exists()  # not touched: the caller empties it
+    r = subprocess.run(["sh", "-c", C.reset_staging(lay, new)], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert staging.is_dir() and not list(staging.iterdir())
+
+
 def _as_nobody(script: str, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                            "sh", "-c", script], input=input, capture_output=True, timeout=30)

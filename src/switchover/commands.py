@@ -32,6 +32,7 @@ RC_NO_CURRENT = 81
 RC_NO_HASH = 82
 RC_NO_CLONE = 83  # the live release cannot be cloned there: upload the whole tree
 CLONE_LOCK_WAIT = 60  # seconds reset_staging waits for a cut-off clone to end
+RC_LOCK_HELD = 98  # flock's exit (-E) when another process holds the staging lock
 
 SECTION = "@@switchover:"
 
@@ -393,7 +394,13 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
         f"[ -d {q(layout.staging_root)} ] && command -v flock >/dev/null 2>&1 ||"
         f" exit {RC_NO_CLONE}",
         f"exec 9<{q(layout.staging_root)}",
-        f"flock -n 9 || {{ echo 'a cut-off clone is still running' >&2; exit {RC_NO_CLONE}; }}",
+        # util-linux flock: -E tells a lock held by another apart from a flock that cannot
+        # lock here (BusyBox's has no -E; some filesystems refuse locks): no clone either way.
+        f"flock -n -E {RC_LOCK_HELD} 9 2>/dev/null; rc=$?",
+        f'if [ "$rc" -eq {RC_LOCK_HELD} ]; then echo \'a cut-off clone is still running\' >&2;'
+        f" exit {RC_NO_CLONE}; fi",
+        f'if [ "$rc" -ne 0 ]; then echo \'flock cannot lock the staging directory\' >&2;'
+        f" exit {RC_NO_CLONE}; fi",
         _remove_dir(staging),
         # Hard links to the files and symlinks; directories made anew, not copied with their
         # ACLs or extended attributes (rsync -a, which this stands in for, sets neither).
@@ -428,12 +435,14 @@ def _empty_dir(path: str) -> str:
 def reset_staging(layout: Layout, release: str) -> str:
     """Empty the release's staging dir (a clone the caller will not patch), once no clone
     script holds the staging lock (see clone_release): waits up to CLONE_LOCK_WAIT seconds
-    for one cut off by a dropped link, then fails rather than race it."""
+    for one cut off by a dropped link, then fails rather than race it. Where flock cannot
+    lock (none, BusyBox's, a filesystem without locks) no clone can have run: go on."""
     root = q(layout.staging_root)
     return _lines(
         f"if [ -d {root} ] && command -v flock >/dev/null 2>&1; then exec 9<{root};"
-        f" flock -w {CLONE_LOCK_WAIT} 9 || {{ echo 'a cut-off clone of the live release is"
-        f" still running on the host' >&2; exit 1; }}; fi",
+        f" flock -w {CLONE_LOCK_WAIT} -E {RC_LOCK_HELD} 9 2>/dev/null;"
+        f' if [ "$?" -eq {RC_LOCK_HELD} ]; then echo \'a cut-off clone of the live release'
+        f" is still running on the host' >&2; exit 1; fi; fi",
         _empty_dir(layout.staging(release)),
     )
 
