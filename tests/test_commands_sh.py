@@ -478,6 +478,25 @@ def test_clone_release_says_so_where_the_host_cannot_clone(tmp_path):
     assert staging.is_dir() and not list(staging.iterdir())
 
 
+def _slow_cp(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A PATH whose `cp` waits for <mark>.go before copying (a big tree, on cue)."""
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    mark = tmp_path / "cp"
+    (slow / "cp").write_text(f"#!/bin/sh\ntouch {mark}.started\n"
+                             f"while [ ! -e {mark}.go ]; do sleep 0.02; done\n"
+                             f"/bin/cp \"$@\"\nrc=$?\ntouch {mark}.done\nexit $rc\n")
+    (slow / "cp").chmod(0o755)
+    return {"PATH": f"{slow}:/usr/bin:/bin"}, mark
+
+
+def _wait_for(path: Path, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.exists(), path
+
+
 def test_staging_is_never_emptied_under_a_clone_still_running(tmp_path):
     """A link that drops mid-clone leaves the clone script running on the host (until it
     next writes to the dead channel). The fallback empties staging and rsyncs the whole
@@ -490,34 +509,60 @@ def test_staging_is_never_emptied_under_a_clone_still_running(tmp_path):
     src = Path(lay.release(live))
     for i in range(20):
         (src / f"f{i}.txt").write_text("v1")
-    slow = tmp_path / "bin"  # a cp that takes its time, as on a big tree
-    slow.mkdir()
-    mark = tmp_path / "cp"
-    (slow / "cp").write_text(f"#!/bin/sh\ntouch {mark}.started\nsleep 1\n"
-                             f"/bin/cp \"$@\"\nrc=$?\ntouch {mark}.done\nexit $rc\n")
-    (slow / "cp").chmod(0o755)
-    env = {"PATH": f"{slow}:/usr/bin:/bin"}
+    env, mark = _slow_cp(tmp_path)
     cloning = subprocess.Popen(["sh", "-c", C.clone_release(lay, str(src), new)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reset = None
     try:
-        deadline = time.monotonic() + 10
-        while not Path(f"{mark}.started").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert Path(f"{mark}.started").exists()
+        _wait_for(Path(f"{mark}.started"))
         # A second clone meanwhile: refused at once, not run over the first one.
         again = subprocess.run(["sh", "-c", C.clone_release(lay, str(src), new)], env=env,
                                capture_output=True, text=True, timeout=30)
         assert again.returncode == C.RC_NO_CLONE
         assert "still running" in again.stderr
-        r = sh(C.reset_staging(lay, new))  # the fallback, while the first clone copies
-        assert r.returncode == 0, r.stderr
-        assert Path(f"{mark}.done").exists()  # it waited for the clone to finish
+        # The fallback, while the first clone copies: it waits.
+        reset = subprocess.Popen(["sh", "-c", C.reset_staging(lay, new)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert reset.poll() is None
+        Path(f"{mark}.go").touch()
+        _, err = reset.communicate(timeout=30)
+        assert reset.returncode == 0, err
+        assert Path(f"{mark}.done").exists()  # it went on only once the copy was over
         staging = Path(lay.staging(new))
         assert staging.is_dir() and not list(staging.iterdir())
     finally:
+        Path(f"{mark}.go").touch()
+        for proc in (cloning, reset):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    assert sorted(os.listdir(src)) == sorted(["index.html", *(f"f{i}.txt" for i in range(20))])
+
+
+def test_a_clone_stuck_writing_its_listing_does_not_hold_the_lock(tmp_path):
+    # A link that stalls without dropping: the host's clone is done but blocked writing its
+    # listing, for as long as sshd takes to notice. The fallback must not wait for that.
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    live, new = "20260101_000000", "20260102_000000"
+    make_release(lay, live, "v1")
+    src = Path(lay.release(live))
+    for i in range(3000):  # a listing of ~150 kB: more than a pipe holds
+        (src / f"file-{i:05d}.txt").write_text("v1")
+    cloning = subprocess.Popen(["sh", "-c", C.clone_release(lay, str(src), new)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(Path(lay.staging(new)) / "file-02999.txt")
+        time.sleep(0.3)  # past the copy, into the listing: nobody reads it
+        assert cloning.poll() is None
+        r = subprocess.run(["sh", "-c", C.reset_staging(lay, new)], capture_output=True,
+                           text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        assert not list(Path(lay.staging(new)).iterdir())
+    finally:
         cloning.kill()
         cloning.wait()
-    assert sorted(os.listdir(src)) == sorted(["index.html", *(f"f{i}.txt" for i in range(20))])
 
 
 def test_a_flock_that_cannot_lock_means_no_clone_and_never_blocks_the_fallback(tmp_path):

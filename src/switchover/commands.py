@@ -379,11 +379,12 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
     fs.protected_hardlinks), or a clone still running there (see below). The caller empties
     staging (reset_staging) and uploads the whole tree.
 
-    The script holds a lock (flock on the staging root) for as long as it or any process it
-    started runs. A clone cut off by a dropped link keeps running on the host until it next
-    writes to the dead channel; reset_staging waits for that lock, so it never empties
-    staging while an orphaned `cp -l` still fills it with the live release's inodes (which
-    a whole-tree rsync would then chmod and touch in place).
+    The script holds a lock (flock on the staging root) while it, or any process it
+    started, changes staging; it lets go before it prints anything. A clone cut off by a
+    dropped link keeps running on the host until it next writes to the dead channel;
+    reset_staging waits for that lock, so it never empties staging while an orphaned
+    `cp -l` still fills it with the live release's inodes (which a whole-tree rsync would
+    then chmod and touch in place).
     """
     staging = layout.staging(release)
     lookups = [f"printf 'u %s %s\\n' {q(u)} \"$(id -u -- {q(u)} 2>/dev/null)\"" for u in users]
@@ -393,7 +394,10 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
         f"find {q(source)} -maxdepth 0 -printf '' >/dev/null 2>&1 || exit {RC_NO_CLONE}",
         f"[ -d {q(layout.staging_root)} ] && command -v flock >/dev/null 2>&1 ||"
         f" exit {RC_NO_CLONE}",
-        f"exec 9<{q(layout.staging_root)}",
+        # `command`: a redirection that fails must not end the shell (dash would), only
+        # this clone.
+        # (Braces: a 2>/dev/null on `exec` itself would stay for the rest of the script.)
+        f"{{ command exec 9<{q(layout.staging_root)}; }} 2>/dev/null || exit {RC_NO_CLONE}",
         # util-linux flock: -E tells a lock held by another apart from a flock that cannot
         # lock here (BusyBox's has no -E; some filesystems refuse locks): no clone either way.
         f"flock -n -E {RC_LOCK_HELD} 9 2>/dev/null; rc=$?",
@@ -411,6 +415,10 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
         # leaves a time that differs by less than a second alone (its --modify-window).
         "find . -type d -exec chmod u+rwx {} + -exec touch -d @0 {} + 2>/dev/null ||"
         f" {{ cd / && {_empty_dir(staging)}; exit {RC_NO_CLONE}; }}",
+        # Staging is made: let the lock go before the output. A link that stalls (rather
+        # than drops) would keep this script blocked on writing its listing for as long as
+        # sshd takes to notice, and the fallback must not wait for that.
+        "exec 9<&-",
         f"echo {q(SECTION + 'ids')}",
         'echo "G $(id -G)"; if [ "$(id -u)" = 0 ]; then echo root; fi',
         *lookups,
@@ -439,7 +447,8 @@ def reset_staging(layout: Layout, release: str) -> str:
     lock (none, BusyBox's, a filesystem without locks) no clone can have run: go on."""
     root = q(layout.staging_root)
     return _lines(
-        f"if [ -d {root} ] && command -v flock >/dev/null 2>&1; then exec 9<{root};"
+        f"if [ -d {root} ] && command -v flock >/dev/null 2>&1 &&"
+        f" {{ command exec 9<{root}; }} 2>/dev/null; then"
         f" flock -w {CLONE_LOCK_WAIT} -E {RC_LOCK_HELD} 9 2>/dev/null;"
         f' if [ "$?" -eq {RC_LOCK_HELD} ]; then echo \'a cut-off clone of the live release'
         f" is still running on the host' >&2; exit 1; fi; fi",

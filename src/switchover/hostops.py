@@ -403,7 +403,11 @@ class HostOps:
         """Empty staging again before the whole tree is synced into it: rsync must not take
         the clone's files (the live release's inodes) for its own and set their modes or
         times in place."""
-        self._must(self.run(C.reset_staging(self.layout, release)), "emptying staging")
+        # It may wait CLONE_LOCK_WAIT for a clone cut off by a dropped link: let it say so
+        # itself rather than time out first.
+        self._must(self.run(C.reset_staging(self.layout, release),
+                            timeout=max(self.timeout, C.CLONE_LOCK_WAIT + 30)),
+                   "emptying staging")
 
     def _trace(self, text: str) -> None:
         """A note in the -vv trace (and the log file), among the scripts sent."""
