@@ -209,14 +209,17 @@ def run_command(command: str, fn: Callable[[Ctx], int]) -> Callable[..., None]:
         finally:
             if obj.out is not None:
                 obj.out.close()  # stop the live display, close the log file
-            # The command is over: spare the interpreter's last garbage collection, which
-            # would walk every object the imports made (pydantic, rich, click) only to find
-            # them alive: ~40-50 ms off every command's exit. Cyclic garbage left now is not
-            # finalized at exit; nothing relies on that (what a command writes is closed
-            # above or by its own `with` blocks).
+            # At exit, spare the interpreter's last garbage collection, which would walk
+            # every object the imports made (pydantic, rich, click) only to find them
+            # alive: ~40-50 ms off every command's exit. Frozen at exit only, so code that
+            # runs commands in-process (tests, a wrapper) frees its garbage as usual. Cyclic
+            # garbage left at exit is not finalized; nothing relies on that (what a command
+            # writes is closed above or by its own `with` blocks).
+            import atexit
             import gc
 
-            gc.freeze()
+            atexit.unregister(gc.freeze)  # once, however many commands ran
+            atexit.register(gc.freeze)
 
     return wrapper
 
