@@ -4,8 +4,8 @@ rsync run by such a user sets no owners and only its own groups, and `cp -l` may
 the files it owns (fs.protected_hardlinks): a redeploy must still clone and patch the live
 release, send nothing for an artifact that did not change, and land the artifact exactly.
 
-The hosts log in as `swo-deploy`, a system user this module adds when it is missing (it
-needs root and useradd; the CI machine is a throwaway one).
+The hosts log in as `swo-deploy`, a system user this module adds when it is missing and
+removes after (it needs root and useradd).
 """
 
 from __future__ import annotations
@@ -27,25 +27,35 @@ from test_clone_upload import redeploy_is_exact
 USER = "swo-deploy"
 
 
-def _host_user() -> pwd.struct_passwd:
+@pytest.fixture(scope="module")
+def host_user() -> Iterator[pwd.struct_passwd]:
+    """The host login user; added for this module when missing, and removed after."""
     if os.geteuid() != 0 or not shutil.which("useradd"):
         pytest.skip("adding a host user needs root and useradd")
     if not sshd_available() or not namespaces_supported():
         pytest.skip("needs sshd and per-host mount namespaces")
     try:
-        return pwd.getpwnam(USER)
+        existing = pwd.getpwnam(USER)
     except KeyError:
-        # Password "*": none valid, yet not a locked account ("!"), which sshd turns away
-        # even with a key when it does not use PAM.
-        subprocess.run(["useradd", "--system", "--create-home", "--home-dir",
-                        f"/var/lib/{USER}", "--shell", "/bin/sh", "--password", "*", USER],
-                       check=True)
-        return pwd.getpwnam(USER)
+        existing = None
+    if existing is not None:  # someone else's: left as it is
+        yield existing
+        return
+    # Password "*": none valid, yet not a locked account ("!"), which sshd turns away even
+    # with a key when it does not use PAM.
+    subprocess.run(["useradd", "--system", "--create-home", "--home-dir", f"/var/lib/{USER}",
+                    "--shell", "/bin/sh", "--password", "*", USER], check=True)
+    try:
+        yield pwd.getpwnam(USER)
+    finally:
+        subprocess.run(["userdel", "--remove", USER], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture
-def nonroot(tmp_path: Path) -> Iterator[tuple[Project, pwd.struct_passwd]]:
-    user = _host_user()
+def nonroot(tmp_path: Path, host_user: pwd.struct_passwd
+            ) -> Iterator[tuple[Project, pwd.struct_passwd]]:
+    user = host_user
     # Not under pytest's own temp dir (0700): sshd reads authorized_keys as the user.
     base = Path(tempfile.mkdtemp(prefix="swo-nonroot-", dir="/tmp"))
     base.chmod(0o755)
