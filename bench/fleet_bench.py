@@ -10,8 +10,8 @@ For each fleet size N this starts N sshd hosts (tests/sshd_harness.py), then mea
   floor+checksum     the same with `--checksum`, which switchover uses (see README)
 
 and counts SSH connections per host per deploy from the sshd logs. The redeploys and the
-floors are timed in rounds (one 1% change, then each of the three), so that both sides
-of the ratio see the same minutes of this shared machine. Run as root:
+floors are timed in rounds (one 1% change, then each of the three, in rotating order),
+so that both sides of the ratio see the same minutes of this shared machine. Run as root:
 
     python3 bench/fleet_bench.py [--hosts 1,10,50] [--files 2000] [--mb 50] [--repeat 3]
 """
@@ -118,19 +118,30 @@ def bench(n: int, files: int, mb: int, repeat: int, work: Path) -> dict[str, flo
             fleet.ssh(h.alias, f"mkdir -p {base}/r0 {base}/c0", check=True)
         floor_once(fleet, app, base, "r0", "r1", checksum=False)  # cold, untimed
         floor_once(fleet, app, base, "c0", "c1", checksum=True)
-        # One 1% change per round, then each of the three: this shared machine's speed
-        # drifts by ~20% over minutes, and both sides of the ratio must see the same ones.
+        # One 1% change per round, then each of the three, in an order that rotates (none
+        # always first): this shared machine's speed drifts by ~20% over minutes, and both
+        # sides of the ratio must see the same ones.
         redeploys, conns, floors, floors_c = [], [], [], []
-        for i in range(repeat):
-            change(all_files, 0.01, i)
+
+        def ours(i: int) -> None:
             before = fleet.connection_counts()
             redeploys.append(switchover(cfg, "deploy", "bench"))
             after = fleet.connection_counts()
             conns.append(max(after[h] - before[h] for h in after))
+
+        def floor(i: int) -> None:
             floors.append(floor_once(fleet, app, base, f"r{i + 1}", f"r{i + 2}",
                                      checksum=False))
+
+        def floor_c(i: int) -> None:
             floors_c.append(floor_once(fleet, app, base, f"c{i + 1}", f"c{i + 2}",
                                        checksum=True))
+
+        runs = [ours, floor, floor_c]
+        for i in range(repeat):
+            change(all_files, 0.01, i)
+            for run in runs[i % 3:] + runs[:i % 3]:
+                run(i)
     return {
         "hosts": n,
         "cold": cold,
