@@ -80,7 +80,9 @@ def test_a_host_user_that_is_not_root_deploys_redeploys_and_rolls_back(nonroot):
     (p.app / "ro").chmod(0o555)  # the deploy user cannot write into it: a clone must
     (p.app / "run.sh").write_text("#!/bin/sh\necho ok\n")
     (p.app / "run.sh").chmod(0o755)
-    p.ok("deploy", "test")
+    r = p.ok("deploy", "test")
+    cold = r.stdout + r.stderr  # a first release: nothing to hard-link from, nor said
+    assert len(re.findall(r"uploaded: \d+ files \(", cold)) == 2 and "hard-linked" not in cold
     first = p.current("web1")
     for h in p.target.hosts:
         rel = p.root(h) / "releases" / first

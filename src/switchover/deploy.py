@@ -370,9 +370,12 @@ class Deployer:
                                    listing=self._listing() if live is not None else None,
                                    plans=self._plans)
         sent = run.stats.files_transferred
-        sent_bytes = human_size(run.stats.bytes_transferred)
-        self.out.step(run.name, f"uploaded: {sent} file{'' if sent == 1 else 's'} changed "
-                                f"({sent_bytes}), the rest hard-linked")
+        files = f"{sent} file{'' if sent == 1 else 's'}"
+        size = human_size(run.stats.bytes_transferred)
+        if link_dest is None:  # a first release on this host: nothing to hard-link from
+            self.out.step(run.name, f"uploaded: {files} ({size})")
+        else:
+            self.out.step(run.name, f"uploaded: {files} changed ({size}), the rest hard-linked")
 
     def _finalize(self, run: HostRun, release: str) -> None:
         ops = run.ops
