@@ -478,6 +478,15 @@ def test_clone_release_says_so_where_the_host_cannot_clone(tmp_path):
     assert staging.is_dir() and not list(staging.iterdir())
 
 
+def _live_and_new(tmp_path: Path) -> tuple[Layout, str, str]:
+    """A layout with a live release ("v1") and the id of the next one."""
+    lay = Layout(str(tmp_path / "app"))
+    sh(C.make_layout(lay))
+    live, new = "20260101_000000", "20260102_000000"
+    make_release(lay, live, "v1")
+    return lay, live, new
+
+
 def _slow_cp(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """A PATH whose `cp` waits for <mark>.go before copying (a big tree, on cue)."""
     slow = tmp_path / "bin"
@@ -502,10 +511,7 @@ def test_staging_is_never_emptied_under_a_clone_still_running(tmp_path):
     next writes to the dead channel). The fallback empties staging and rsyncs the whole
     tree into it: it must wait for that clone, or the late `cp -l` would leave the live
     release's inodes in staging for rsync to chmod and touch in place."""
-    lay = Layout(str(tmp_path / "app"))
-    sh(C.make_layout(lay))
-    live, new = "20260101_000000", "20260102_000000"
-    make_release(lay, live, "v1")
+    lay, live, new = _live_and_new(tmp_path)
     src = Path(lay.release(live))
     for i in range(20):
         (src / f"f{i}.txt").write_text("v1")
@@ -543,10 +549,7 @@ def test_staging_is_never_emptied_under_a_clone_still_running(tmp_path):
 def test_a_clone_stuck_writing_its_listing_does_not_hold_the_lock(tmp_path):
     # A link that stalls without dropping: the host's clone is done but blocked writing its
     # listing, for as long as sshd takes to notice. The fallback must not wait for that.
-    lay = Layout(str(tmp_path / "app"))
-    sh(C.make_layout(lay))
-    live, new = "20260101_000000", "20260102_000000"
-    make_release(lay, live, "v1")
+    lay, live, new = _live_and_new(tmp_path)
     src = Path(lay.release(live))
     for i in range(3000):  # a listing of ~150 kB: more than a pipe holds
         (src / f"file-{i:05d}.txt").write_text("v1")
@@ -568,10 +571,7 @@ def test_a_clone_stuck_writing_its_listing_does_not_hold_the_lock(tmp_path):
 def test_a_flock_that_cannot_lock_means_no_clone_and_never_blocks_the_fallback(tmp_path):
     # BusyBox's flock has no -E or -w; some filesystems refuse locks. Either way no clone
     # runs (nothing could hold the lock), and emptying staging must still work.
-    lay = Layout(str(tmp_path / "app"))
-    sh(C.make_layout(lay))
-    live, new = "20260101_000000", "20260102_000000"
-    make_release(lay, live, "v1")
+    lay, live, new = _live_and_new(tmp_path)
     staging = Path(lay.staging(new))
     staging.mkdir(parents=True)
     (staging / "partial").write_text("from an earlier attempt")
