@@ -189,3 +189,27 @@ def test_environment_sections_are_checked_like_the_top_level(tmp_path: Path) -> 
         cfg = _project(d, f"[environments.local.{section}]\n{line}\n")
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_environment(cfg, "local")
+
+
+def test_a_command_run_in_process_leaves_the_garbage_collector_alone(tmp_path: Path) -> None:
+    # gc.freeze() is for the interpreter's exit only: code that runs commands in-process
+    # (tests, a wrapper) must keep collecting its garbage as usual.
+    cfg = _project(tmp_path)
+    probe = tmp_path / "gcprobe.py"
+    probe.write_text(textwrap.dedent(f"""
+        import atexit, gc, sys
+        # Registered first, so it runs last: after the freeze the commands ask for.
+        atexit.register(lambda: print("at exit", gc.get_freeze_count() > 0))
+        from switchover.cli import main
+        for _ in range(2):
+            try:
+                main(["-c", {str(cfg)!r}, "status", "local"], prog_name="switchover")
+            except SystemExit as e:
+                assert e.code == 0, e.code
+        print("frozen", gc.get_freeze_count())
+    """))
+    r = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("frozen", "at exit"))]
+    assert lines == ["frozen 0", "at exit True"], r.stdout
