@@ -317,7 +317,7 @@ def test_init_writes_a_config_that_loads_and_deploys(tmp_path: Path):
     text = cfg_path.read_text()
     assert text.count("\n#") > 10  # commented
     cfg = load_file(cfg_path)
-    assert cfg.app == "my-app" and cfg.artifact.path == "dist"
+    assert cfg.config.app == "my-app" and cfg.config.artifact.path == "dist"
     env = resolve_environment(cfg, "local", cfg_path)
     assert env.deploy_to == str(work / ".deploy" / "my-app")
     r = run_sw(work, "deploy", "local")
@@ -333,11 +333,11 @@ def test_init_writes_a_config_that_loads_and_deploys(tmp_path: Path):
     fleet = load_file(work / "fleet.toml")
     prod = resolve_environment(fleet, "production", work / "fleet.toml")
     assert [h.name for h in prod.hosts] == ["deploy@web1.example.com", "web2:2222"]
-    assert prod.deploy_to == "/srv/web" and fleet.app == "web"
+    assert prod.deploy_to == "/srv/web" and fleet.config.app == "web"
     r = run_sw(work, "init", "--force", "--app", "bad name")
     assert r.returncode == 2 and cfg_path.read_text() == text
     r = run_sw(work, "init", "--force", "--app", "again")
-    assert r.returncode == 0 and load_file(cfg_path).app == "again"
+    assert r.returncode == 0 and load_file(cfg_path).config.app == "again"
 
 
 def test_completion_script_and_environment_names(local: Project):
@@ -501,7 +501,7 @@ def test_init_asks_on_a_terminal(tmp_path: Path):
         os.close(master)
     cfg = load_file(tmp_path / "switchover.toml")
     env_ = resolve_environment(cfg, "production", tmp_path / "switchover.toml")
-    assert cfg.app == "shop" and cfg.artifact.path == "out"
+    assert cfg.config.app == "shop" and cfg.config.artifact.path == "out"
     assert [h.name for h in env_.hosts] == ["deploy@web1", "web2:2222"]
     assert env_.deploy_to == "/srv/shop"
 

@@ -33,25 +33,9 @@ def _no_redaction(text: str) -> str:
     return text
 
 
-def _import_config_models() -> None:
-    """Import switchover.config, whose pydantic models are built on import, with pydantic's
-    plugin discovery off: it reads the entry points of every installed distribution (~4 ms
-    in a small venv, more in a big one), and a CLI wants no pydantic plugins. Set only
-    around this import and never over the operator's own value, so hooks and build
-    commands still run with the environment they were given."""
-    if "switchover.config" in sys.modules or "PYDANTIC_DISABLE_PLUGINS" in os.environ:
-        return
-    os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
-    try:
-        import switchover.config  # noqa: F401
-    finally:
-        del os.environ["PYDANTIC_DISABLE_PLUGINS"]
-
-
 def _complete_environment(ctx: click.Context, param: click.Parameter,
                           incomplete: str) -> list[str]:
     # Wrapped: scaffold (and with it the config models) is only loaded when completing.
-    _import_config_models()
     from switchover.scaffold import complete_environment
 
     return complete_environment(ctx, param, incomplete)
@@ -75,13 +59,11 @@ class Ctx:
     def config(self) -> Path:
         """The config file; worked out on first use, so `CMD --help` loads no config code
         (the group's callback, which makes this object, runs before the command's --help)."""
-        _import_config_models()
         from switchover.config import config_path_from
 
         return config_path_from(self._config_option)
 
     def env(self, name: str) -> Environment:
-        _import_config_models()
         from switchover.config import load_environment
         from switchover.secrets import redactor_for
         from switchover.selection import override, select_hosts
@@ -210,7 +192,7 @@ def run_command(command: str, fn: Callable[[Ctx], int]) -> Callable[..., None]:
             if obj.out is not None:
                 obj.out.close()  # stop the live display, close the log file
             # At exit, spare the interpreter's last garbage collection, which would walk
-            # every object the imports made (pydantic, rich, click) only to find them
+            # every object the imports made (rich, click, msgspec) only to find them
             # alive: ~40-50 ms off every command's exit. Frozen at exit only, so code that
             # runs commands in-process (tests, a wrapper) frees its garbage as usual. Cyclic
             # garbage left at exit is not finalized; nothing relies on that (what a command
@@ -286,7 +268,6 @@ def fleet_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _batch_size(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     if value is None:
         return None
-    _import_config_models()
     from switchover.config import check_batch_size
 
     parsed: int | str = int(value) if value.isdigit() else value
@@ -302,7 +283,6 @@ def _canary_hosts(ctx: click.Context, param: click.Parameter, value: str | None)
         return None
     parsed: int | list[str] = int(value) if value.isdigit() else [
         v.strip() for v in value.split(",") if v.strip()]
-    _import_config_models()
     from switchover.config import check_canary_hosts
 
     try:

@@ -6,13 +6,17 @@ was expected, and maps to exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from msgspec import Meta
 
 from switchover.errors import ConfigError
 from switchover.hosts import HostSpec, parse_host
@@ -44,16 +48,27 @@ def _check_relative(value: str) -> str:
     return value
 
 
-class _Strict(BaseModel):
-    # strict: "5" is not 5. A quoted number in a config is a mistake worth naming.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+def _check(key: str, check: Callable[[Any], Any], value: Any) -> None:
+    """Run one key's check from a table's __post_init__. msgspec reports such an error at
+    the table, so the key goes in front of the message, where _describe finds it."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise ValueError(f"`{key}`: {e}") from None
 
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A table of the file: unknown keys are refused (a typo), and nothing is coerced
+    ("5" is not 5: a quoted number in a config is a mistake worth naming)."""
+
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+AtLeastOne = Annotated[int, Meta(ge=1)]
 
 
 Strategy = Literal["all", "rolling", "canary"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 _BATCH_RE = re.compile(r"^([1-9][0-9]?|100)%$")
 
 
@@ -73,6 +88,46 @@ def check_canary_hosts(v: int | list[str] | None) -> int | list[str] | None:
     return v
 
 
+def _check_relatives(v: list[str]) -> None:
+    for x in v:
+        _check_relative(x)
+
+
+def _check_urls(v: list[str]) -> None:
+    for url in v:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+
+
+def _check_webhooks(v: list[str]) -> None:
+    # The URL is not repeated: a webhook URL often carries its token.
+    for url in v:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("webhooks must be http:// or https:// URLs")
+
+
+def _check_env_names(v: list[str]) -> None:
+    for name in v:
+        if not ENV_NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    if len(set(v)) != len(v):
+        raise ValueError("a name is listed more than once")
+
+
+def _check_hosts(v: list[str]) -> None:
+    for h in v:
+        parse_host(h)  # raises ValueError with a precise message
+    if len(set(v)) != len(v):
+        raise ValueError("hosts are listed more than once")
+
+
+def _check_environments(v: dict[str, Any]) -> None:
+    if not v:
+        raise ValueError("at least one [environments.NAME] section is needed")
+    for name in v:
+        _check_name(name, "environment name")
+
+
 class ArtifactConfig(_Strict):
     path: str | None = None
     build: str | None = None
@@ -83,26 +138,20 @@ class SharedConfig(_Strict):
     files: list[str] = []
     dirs: list[str] = []
 
-    @field_validator("files", "dirs")
-    @classmethod
-    def _relative(cls, v: list[str]) -> list[str]:
-        return [_check_relative(x) for x in v]
+    def __post_init__(self) -> None:
+        _check("files", _check_relatives, self.files)
+        _check("dirs", _check_relatives, self.dirs)
 
 
 class HealthConfig(_Strict):
     commands: list[str] = []
     urls: list[str] = []
     timeout: PositiveFloat = 10.0
-    retries: Annotated[int, Field(ge=0)] = 3
+    retries: Annotated[int, Meta(ge=0)] = 3
     interval: NonNegFloat = 1.0
 
-    @field_validator("urls")
-    @classmethod
-    def _http(cls, v: list[str]) -> list[str]:
-        for url in v:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http:// or https:// URL")
-        return v
+    def __post_init__(self) -> None:
+        _check("urls", _check_urls, self.urls)
 
 
 class HooksConfig(_Strict):
@@ -111,20 +160,14 @@ class HooksConfig(_Strict):
     after_rollback: list[str] = []
 
 
-def _check_webhooks(v: list[str]) -> list[str]:
-    for url in v:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("webhooks must be http:// or https:// URLs")
-    return v
-
-
 class NotifyConfig(_Strict):
     """[notify]: JSON POSTs after a deploy or rollback (see notify.py)."""
 
     webhooks: list[str] = []
     timeout: PositiveFloat = 5.0  # seconds per webhook
 
-    _urls = field_validator("webhooks")(classmethod(lambda cls, v: _check_webhooks(v)))
+    def __post_init__(self) -> None:
+        _check("webhooks", _check_webhooks, self.webhooks)
 
 
 class SecretsConfig(_Strict):
@@ -133,32 +176,25 @@ class SecretsConfig(_Strict):
     env_file: str | None = None  # local; relative to the config file
     from_env: list[str] = []  # names read from the deploying process's environment
 
-    @field_validator("from_env")
-    @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
-        return _check_env_names(v)
+    def __post_init__(self) -> None:
+        _check("from_env", _check_env_names, self.from_env)
 
     @property
     def configured(self) -> bool:
         return self.env_file is not None or bool(self.from_env)
 
 
-def _check_env_names(v: list[str]) -> list[str]:
-    for name in v:
-        if not ENV_NAME_RE.fullmatch(name):
-            raise ValueError(f"{name!r} is not an environment variable name")
-    if len(set(v)) != len(v):
-        raise ValueError("a name is listed more than once")
-    return v
+# The tables an environment may override key by key; checked by the same classes.
+SECTIONS = ("health", "hooks", "shared", "secrets", "notify")
 
 
 class EnvironmentConfig(_Strict):
-    hosts: list[str] = []
     deploy_to: str
+    hosts: list[str] = []
     ssh_config: str | None = None
     identity_file: str | None = None
-    keep_releases: Annotated[int, Field(ge=1)] | None = None
-    parallel: Annotated[int, Field(ge=1)] | None = None
+    keep_releases: AtLeastOne | None = None
+    parallel: AtLeastOne | None = None
     timeout: PositiveFloat | None = None
     lock_timeout: PositiveFloat | None = None
     strategy: Strategy | None = None
@@ -167,32 +203,25 @@ class EnvironmentConfig(_Strict):
     canary_wait: NonNegFloat | None = None
     inventory: str | None = None
     group: str | None = None
-    # An environment's section overrides the top-level one key by key. It is checked by
-    # the same class, so by the same rules; only the keys it sets count (see _merge). One
-    # class per section, not two, also means fewer models to build at every start.
+    # An environment's section overrides the top-level one key by key: only the keys it
+    # sets count (see ConfigFile.given).
     health: HealthConfig | None = None
     hooks: HooksConfig | None = None
     shared: SharedConfig | None = None
     secrets: SecretsConfig | None = None
     notify: NotifyConfig | None = None
 
-    _batch = field_validator("batch_size")(classmethod(lambda cls, v: check_batch_size(v)))
-    _canary = field_validator("canary_hosts")(classmethod(lambda cls, v: check_canary_hosts(v)))
-
-    @field_validator("hosts")
-    @classmethod
-    def _hosts(cls, v: list[str]) -> list[str]:
-        for h in v:
-            parse_host(h)  # raises ValueError with a precise message
-        if len(set(v)) != len(v):
-            raise ValueError("hosts are listed more than once")
-        return v
+    def __post_init__(self) -> None:
+        _check("hosts", _check_hosts, self.hosts)
+        _check("batch_size", check_batch_size, self.batch_size)
+        _check("canary_hosts", check_canary_hosts, self.canary_hosts)
 
 
 class FileConfig(_Strict):
     app: str
-    keep_releases: Annotated[int, Field(ge=1)] = 5
-    parallel: Annotated[int, Field(ge=1)] = 10
+    environments: dict[str, EnvironmentConfig]
+    keep_releases: AtLeastOne = 5
+    parallel: AtLeastOne = 10
     # Seconds one remote step may take on a host (an upload: seconds without progress).
     timeout: PositiveFloat = 60.0
     # Seconds without a heartbeat after which a lock taken on another machine is stale.
@@ -203,37 +232,49 @@ class FileConfig(_Strict):
     canary_wait: NonNegFloat = 30.0
     inventory: str | None = None
     group: str | None = None
-    artifact: ArtifactConfig = ArtifactConfig()
-    shared: SharedConfig = SharedConfig()
-    health: HealthConfig = HealthConfig()
-    hooks: HooksConfig = HooksConfig()
-    secrets: SecretsConfig = SecretsConfig()
-    notify: NotifyConfig = NotifyConfig()
+    artifact: ArtifactConfig = msgspec.field(default_factory=ArtifactConfig)
+    shared: SharedConfig = msgspec.field(default_factory=SharedConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
+    secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
     log_dir: str | None = None  # this run's log files; relative to the config file
-    environments: dict[str, EnvironmentConfig]
 
-    _batch = field_validator("batch_size")(classmethod(lambda cls, v: check_batch_size(v)))
-    _canary = field_validator("canary_hosts")(classmethod(lambda cls, v: check_canary_hosts(v)))
-
-    @field_validator("app")
-    @classmethod
-    def _app(cls, v: str) -> str:
-        return _check_name(v, "app name")
-
-    @field_validator("environments")
-    @classmethod
-    def _envs(cls, v: dict[str, EnvironmentConfig]) -> dict[str, EnvironmentConfig]:
-        if not v:
-            raise ValueError("at least one [environments.NAME] section is needed")
-        for name in v:
-            _check_name(name, "environment name")
-        return v
+    def __post_init__(self) -> None:
+        _check("app", lambda v: _check_name(v, "app name"), self.app)
+        _check("batch_size", check_batch_size, self.batch_size)
+        _check("canary_hosts", check_canary_hosts, self.canary_hosts)
+        _check("environments", _check_environments, self.environments)
 
 
-class Environment(BaseModel):
+def default(table: type[msgspec.Struct], key: str) -> Any:
+    """The value `key` takes in `table` when the file leaves it out."""
+    for f in msgspec.structs.fields(table):
+        if f.name == key:
+            return f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+    raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A checked switchover.toml: its values, and which keys each environment's sections
+    set (an override replaces only those, even where it repeats a default)."""
+
+    config: FileConfig
+    data: Mapping[str, Any]  # the TOML as read
+
+    @property
+    def environments(self) -> dict[str, EnvironmentConfig]:
+        return self.config.environments
+
+    def given(self, env_name: str, section: str) -> set[str]:
+        table = self.data["environments"][env_name].get(section)
+        return set(table) if isinstance(table, dict) else set()
+
+
+@dataclass(frozen=True)
+class Environment:
     """One environment with the top-level defaults merged in: what a command works with."""
-
-    model_config = ConfigDict(frozen=True)
 
     app: str
     name: str
@@ -245,41 +286,81 @@ class Environment(BaseModel):
     keep_releases: int
     parallel: int
     timeout: float
+    artifact: ArtifactConfig
+    shared: SharedConfig
+    health: HealthConfig
+    hooks: HooksConfig
     lock_timeout: float = 300.0
     strategy: Strategy = "all"
     batch_size: int | str = 1
     canary_hosts: int | list[str] = 1
     canary_wait: float = 30.0
-    artifact: ArtifactConfig
-    shared: SharedConfig
-    health: HealthConfig
-    hooks: HooksConfig
-    secrets: SecretsConfig = SecretsConfig()  # env_file resolved to an absolute path
-    notify: NotifyConfig = NotifyConfig()
+    # env_file resolved to an absolute path
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     log_dir: Path | None = None  # None: the platform's state dir (see runlog.py)
 
     @property
     def is_local(self) -> bool:
         return not self.hosts
 
+    def replace(self, **changes: Any) -> Environment:
+        return dataclasses.replace(self, **changes)
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_KEYED = re.compile(r"^`(?P<key>[^`]+)`: (?P<msg>.*)$", re.DOTALL)
+_BOUND = re.compile(r"^Expected `\w+` (?P<op>>=|>|<=|<) (?P<n>\S+)$")
+_BOUNDS = {">=": "greater than or equal to", ">": "greater than",
+           "<=": "less than or equal to", "<": "less than"}
 
 
-def _format_validation(path: Path, exc: ValidationError) -> str:
+def _describe(error: msgspec.ValidationError, prefix: str = "") -> tuple[str, str]:
+    """(where, what) of msgspec's message, in the file's own terms: `health.timeout`,
+    `environments.prod.hosts[1]`; a TOML table is a table and an array an array."""
+    m = _AT.match(str(error))
+    assert m is not None  # the pattern matches any text
+    msg, path = m["msg"], (m["path"] or "").lstrip(".")
+    loc = ".".join(p for p in (prefix, path) if p)
+    if keyed := _KEYED.match(msg):  # raised by a table's __post_init__ (see _check)
+        loc, msg = f"{loc}.{keyed['key']}".lstrip("."), keyed["msg"]
+    elif found := re.fullmatch(r"Object contains unknown field `(.*)`", msg):
+        loc, msg = f"{loc}.{found[1]}".lstrip("."), "unknown key (a typo?)"
+    elif found := re.fullmatch(r"Object missing required field `(.*)`", msg):
+        loc, msg = f"{loc}.{found[1]}".lstrip("."), "required key is missing"
+    elif bound := _BOUND.match(msg):
+        n = bound["n"].removesuffix(".0")
+        msg = f"must be {_BOUNDS[bound['op']]} {n}"
+    elif (found := re.fullmatch(r"Invalid enum value (.*)", msg)) and loc.endswith("strategy"):
+        msg = f"{found[1]} is not one of " + ", ".join(repr(s) for s in STRATEGIES)
+    else:
+        msg = msg.replace(" | null", "").replace("`object`", "`table`")
+    return loc or "(top level)", msg
+
+
+def _validate(path: Path, data: dict[str, Any]) -> FileConfig:
+    try:
+        return msgspec.convert(data, FileConfig)
+    except msgspec.ValidationError as e:
+        first = e
+    # msgspec stops at the first error and names no table key ("environments[...]"):
+    # check each environment on its own, to name it and to report one error for each.
     lines = []
-    for err in exc.errors():
-        loc = _format_loc(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (a typo?)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ")
-        lines.append(f"{path}: {loc}: {msg}")
-    return "\n".join(lines)
+    envs = data.get("environments")
+    if isinstance(envs, dict):
+        for name, table in envs.items():
+            try:
+                msgspec.convert(table, EnvironmentConfig)
+            except msgspec.ValidationError as e:
+                lines.append(_describe(e, f"environments.{name}"))
+    where, what = _describe(first)
+    if not where.startswith("environments[") or not lines:
+        lines.insert(0, (where, what))
+    return _fail(path, lines)
+
+
+def _fail(path: Path, errors: Sequence[tuple[str, str]]) -> NoReturn:
+    raise ConfigError("\n".join(f"{path}: {where}: {what}" for where, what in errors))
 
 
 def config_path_from(explicit: str | None) -> Path:
@@ -287,7 +368,7 @@ def config_path_from(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get("SWITCHOVER_CONFIG") or DEFAULT_CONFIG)
 
 
-def load_file(path: Path) -> FileConfig:
+def load_file(path: Path) -> ConfigFile:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -301,17 +382,17 @@ def load_file(path: Path) -> FileConfig:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    try:
-        return FileConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(path, e)) from None
+    return ConfigFile(_validate(path, data), data)
 
 
-def _merge(base: BaseModel, override: BaseModel | None) -> Any:
-    """`base` with the keys the environment's section sets (not its defaults)."""
+def _merge(file: ConfigFile, env_name: str, section: str) -> Any:
+    """The top-level [section] with the keys the environment's own section sets."""
+    base = getattr(file.config, section)
+    override = getattr(file.environments[env_name], section)
     if override is None:
         return base
-    return base.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+    return msgspec.structs.replace(
+        base, **{k: getattr(override, k) for k in file.given(env_name, section)})
 
 
 def _check_deploy_to(value: str, env_name: str, path: Path, *, remote: bool) -> None:
@@ -329,8 +410,9 @@ def _check_deploy_to(value: str, env_name: str, path: Path, *, remote: bool) -> 
         )
 
 
-def resolve_environment(cfg: FileConfig, env_name: str, path: Path) -> Environment:
+def resolve_environment(file: ConfigFile, env_name: str, path: Path) -> Environment:
     """Merge an environment's overrides over the top-level defaults and resolve paths."""
+    cfg = file.config
     env = cfg.environments.get(env_name)
     if env is None:
         known = ", ".join(sorted(cfg.environments)) or "none"
@@ -366,7 +448,7 @@ def resolve_environment(cfg: FileConfig, env_name: str, path: Path) -> Environme
             raise ConfigError(f"{path}: environments.{env_name}.{key}: file {p} does not exist")
         return p
 
-    secrets = _resolve_secrets(cfg, env, env_name, path, base_dir)
+    secrets = _resolve_secrets(file, env_name, path, base_dir)
     return Environment(
         app=cfg.app,
         name=env_name,
@@ -385,11 +467,11 @@ def resolve_environment(cfg: FileConfig, env_name: str, path: Path) -> Environme
         canary_hosts=env.canary_hosts if env.canary_hosts is not None else cfg.canary_hosts,
         canary_wait=env.canary_wait if env.canary_wait is not None else cfg.canary_wait,
         artifact=cfg.artifact,
-        shared=_with_secrets_file(_merge(cfg.shared, env.shared), secrets),
-        health=_merge(cfg.health, env.health),
-        hooks=_merge(cfg.hooks, env.hooks),
+        shared=_with_secrets_file(_merge(file, env_name, "shared"), secrets),
+        health=_merge(file, env_name, "health"),
+        hooks=_merge(file, env_name, "hooks"),
         secrets=secrets,
-        notify=_merge(cfg.notify, env.notify),
+        notify=_merge(file, env_name, "notify"),
         log_dir=(base_dir / Path(cfg.log_dir).expanduser()) if cfg.log_dir else None,
     )
 
@@ -400,27 +482,27 @@ def _private(p: Path | None, key: str) -> Path | None:
     return p
 
 
-def _resolve_secrets(cfg: FileConfig, env: EnvironmentConfig, env_name: str, path: Path,
+def _resolve_secrets(file: ConfigFile, env_name: str, path: Path,
                      base_dir: Path) -> SecretsConfig:
     """Merge [secrets] key by key; the env file must exist and be private (exit 2)."""
-    merged: SecretsConfig = _merge(cfg.secrets, env.secrets)
+    merged: SecretsConfig = _merge(file, env_name, "secrets")
     if merged.env_file is None:
         return merged
-    own = env.secrets is not None and "env_file" in env.secrets.model_fields_set
+    own = "env_file" in file.given(env_name, "secrets")
     key = f"{path}: {f'environments.{env_name}.' if own else ''}secrets.env_file"
     p = Path(merged.env_file).expanduser()
     p = p if p.is_absolute() else base_dir / p
     if not p.is_file():
         raise ConfigError(f"{key}: file {p} does not exist")
     check_private_file(p, key)
-    return merged.model_copy(update={"env_file": str(p)})
+    return msgspec.structs.replace(merged, env_file=str(p))
 
 
 def _with_secrets_file(shared: SharedConfig, secrets: SecretsConfig) -> SharedConfig:
     """With secrets configured, shared/.env is linked into every release like other files."""
     if not secrets.configured or SECRETS_FILE in shared.files:
         return shared
-    return shared.model_copy(update={"files": [*shared.files, SECRETS_FILE]})
+    return msgspec.structs.replace(shared, files=[*shared.files, SECRETS_FILE])
 
 
 def load_environment(path: Path, env_name: str) -> Environment:

@@ -23,6 +23,7 @@ from switchover.config import (
     HealthConfig,
     NotifyConfig,
     config_path_from,
+    default,
     load_file,
     resolve_environment,
 )
@@ -50,10 +51,6 @@ def default_deploy_to(app: str, remote: bool) -> str:
     return f"/srv/{app}" if remote else f"./.deploy/{app}"
 
 
-def _default(model: Any, key: str) -> Any:
-    return model.model_fields[key].default
-
-
 def _toml(value: str) -> str:
     # A JSON string is a valid TOML basic string (same escapes).
     return json.dumps(value)
@@ -71,11 +68,11 @@ def render(app: str, hosts: Sequence[str], deploy_to: str, artifact: str) -> str
         "# commented out below are the defaults.",
         "",
         f"app = {_toml(app)}                 # letters, digits, . _ -",
-        f"# keep_releases = {_default(FileConfig, 'keep_releases')}"
+        f"# keep_releases = {default(FileConfig, 'keep_releases')}"
         "          # healthy releases kept per host; failed ones don't count",
-        f"# parallel = {_default(FileConfig, 'parallel')}"
+        f"# parallel = {default(FileConfig, 'parallel')}"
         "               # hosts worked on at once",
-        f"# timeout = {_default(FileConfig, 'timeout'):g}"
+        f"# timeout = {default(FileConfig, 'timeout'):g}"
         "                # seconds one step (upload, hook) may take on a host",
         "# log_dir = \"logs/switchover\"   # this machine's run logs"
         " (default: the user state dir)",

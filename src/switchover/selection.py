@@ -40,10 +40,10 @@ def select_hosts(env: Environment, names: Sequence[str], hosts_from: str | None)
             raise UsageError(f"--host {', '.join(unknown)}: not in environment {env.name!r} "
                              f"(hosts: {known})")
         hosts = [h for h in hosts if any(_matches(h, n) for n in names)]
-    return env.model_copy(update={"hosts": hosts})
+    return env.replace(hosts=hosts)
 
 
 def override(env: Environment, **values: Any) -> Environment:
     """Command-line flags win over the config; None means "not given"."""
     given = {k: v for k, v in values.items() if v is not None}
-    return env.model_copy(update=given) if given else env
+    return env.replace(**given) if given else env

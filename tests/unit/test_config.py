@@ -129,3 +129,46 @@ def test_missing_identity_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="identity_file") as exc:
         load_environment(p, "a")
     assert exc.value.code == 2
+
+
+def test_errors_name_each_broken_environment_in_the_files_own_terms(tmp_path):
+    # The checker stops at its first error and hides table keys ("environments[...]"):
+    # every broken environment is still named, one line each, under its own key.
+    p = write(tmp_path, """
+        app = "x"
+        strategy = "blue-green"
+        [environments.prod]
+        deploy_to = "/srv/x"
+        parallel = true
+        [environments.stage]
+        deploy_to = "/srv/y"
+        health = 3
+        [environments.ok]
+        deploy_to = "/srv/z"
+    """)
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "ok")
+    lines = str(exc.value).splitlines()
+    assert lines == [
+        f"{p}: strategy: 'blue-green' is not one of 'all', 'rolling', 'canary'",
+        f"{p}: environments.prod.parallel: Expected `int`, got `bool`",
+        f"{p}: environments.stage.health: Expected `table`, got `int`",
+    ]
+
+
+def test_bounds_and_checks_are_reported_at_their_key(tmp_path):
+    cases = {
+        "timeout = 0": "timeout: must be greater than 0",
+        "[health]\nretries = -1": "health.retries: must be greater than or equal to 0",
+        "[health]\nurls = ['http://a', 'ftp://b']": "health.urls: 'ftp://b' is not an http://",
+        "[notify]\nwebhooks = ['ftp://token']": "notify.webhooks: webhooks must be http:// or",
+        "canary_hosts = []": "canary_hosts: must name at least one host",
+    }
+    for n, (snippet, expected) in enumerate(cases.items()):
+        d = tmp_path / str(n)
+        d.mkdir()
+        p = write(d, f'app = "x"\n{snippet}\n[environments.a]\ndeploy_to = "/srv/x"\n')
+        with pytest.raises(ConfigError) as exc:
+            load_environment(p, "a")
+        assert f"{p}: {expected}" in str(exc.value), (snippet, str(exc.value))
+        assert "token" not in str(exc.value)  # a webhook URL is not repeated: it may be secret

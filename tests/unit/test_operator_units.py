@@ -142,10 +142,10 @@ def test_init_template_loads(tmp_path: Path, app: str, hosts: list[str], deploy_
     path.write_text(render(app, hosts, deploy_to, "dist"))
     cfg = load_file(path)
     env = resolve_environment(cfg, "production" if hosts else "local", path)
-    assert cfg.app == app and [h.name for h in env.hosts] == hosts
+    assert cfg.config.app == app and [h.name for h in env.hosts] == hosts
     if hosts:
         assert env.deploy_to == deploy_to
-    assert cfg.artifact.path == "dist" and cfg.notify.webhooks == []
+    assert cfg.config.artifact.path == "dist" and cfg.config.notify.webhooks == []
 
 
 def test_default_app_names():
