@@ -12,6 +12,7 @@ import io
 import os
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -233,3 +234,26 @@ def test_hostile_artifacts_leave_a_live_ssh_fleet_unchanged(ssh_fleet, tmp_path:
         assert (p.current(h), p.releases(h), p.history(h)) == before[h]
         assert not p.locked(h)
         assert not any((p.root(h) / ".switchover" / "staging").iterdir())
+    # Each refused deploy had started its hosts' logins before the artifact was checked
+    # (they overlap the checks): no ssh master of theirs may outlive the run.
+    assert _ssh_masters(ssh_fleet.ssh_config, within=5.0) == []
+
+
+def _ssh_masters(ssh_config: Path, within: float) -> list[str]:
+    """Command lines of ssh masters using `ssh_config`, once none are left or `within`
+    seconds have passed (a master told to exit may take a moment to go)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [a.decode(errors="replace") for a in argv]
+            if args and args[0].endswith("ssh") and str(ssh_config) in args \
+                    and "ControlMaster=yes" in args:
+                found.append(" ".join(args))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)

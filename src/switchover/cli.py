@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from switchover.hostops import HostOps
     from switchover.manage import CommandResult
     from switchover.output import Reporter
+    from switchover.transport import Transport
 
 
 def _no_redaction(text: str) -> str:
@@ -93,13 +95,16 @@ class Ctx:
             self.run_ctx = RunContext(env.app, env.name)
         return self.run_ctx
 
-    def host_ops(self, env: Environment) -> list[HostOps]:
-        """The environment's hosts, each script they run traced to the reporter (-vv, log):
-        the one made so far, or the one `attach` names later."""
+    def host_ops(self, env: Environment,
+                 transports: Sequence[Transport] | None = None) -> list[HostOps]:
+        """The environment's hosts (over `transports`, if made already), each script they
+        run traced to the reporter (-vv, log): the one made so far, or the one `attach`
+        names later."""
         from switchover.session import open_hosts
 
         # The redactor env() made from this config's secrets; none made yet: read them.
-        hosts = open_hosts(env, None if self.redact is _no_redaction else self.redact)
+        hosts = open_hosts(env, None if self.redact is _no_redaction else self.redact,
+                           transports)
         if self.out is not None:
             self.attach(hosts, self.out)
         return hosts
@@ -342,19 +347,22 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
             out = obj.reporter("deploy", env)
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
+        from switchover.hosts import LOCAL
+        from switchover.session import transports
         from switchover.strategy import plan_batches
 
-        hosts = obj.host_ops(env)
+        # A bad strategy (an unknown canary host) is a usage error before any host is
+        # touched: checked here too, as the first wave connects before the Deployer runs.
+        plan_batches(env.strategy, [h.name for h in env.hosts] or [LOCAL.name],
+                     env.batch_size, env.canary_hosts)
+        made = transports(env)
         try:
-            # A bad strategy (an unknown canary host) is a usage error before any host is
-            # touched: checked here too, as the first wave connects before the Deployer runs.
-            plan_batches(env.strategy, [h.name for h in hosts], env.batch_size,
-                         env.canary_hosts)
-            # The first wave of hosts connects while the reporter (rich) and the deploy code
-            # load and the artifact is scanned (or unpacked): the handshakes run in ssh
-            # processes, on a core this process is not using.
-            for h in hosts[:env.parallel]:
-                h.open_early()
+            # The first wave of hosts connects while the host code, the reporter (rich) and
+            # the deploy code load and the artifact is scanned (or unpacked): the handshakes
+            # run in ssh processes, on a core this process is not using.
+            for t in made[:env.parallel]:
+                t.open_early()
+            hosts = obj.host_ops(env, made)
             out = obj.out or obj.reporter("deploy", env)
             obj.attach(hosts, out)
             from switchover.artifact import prepare
@@ -368,8 +376,11 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
             finally:
                 art.cleanup()
         finally:
-            for h in hosts:  # Deployer.run closes them; this is for every way out before it
-                h.close()
+            # Deployer.run closes the hosts (and their heartbeats); this ends the logins
+            # started early, whichever way out came before it.
+            for t in made:
+                with contextlib.suppress(Exception):
+                    t.close()
         if env.notify.webhooks:  # notify (and urllib) is only loaded to send something
             from switchover import notify
 

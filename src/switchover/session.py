@@ -6,29 +6,41 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from switchover.config import Environment
-from switchover.hostops import HostOps, SwitchStep
 from switchover.hosts import LOCAL
 from switchover.layout import Layout
 from switchover.locks import LockPolicy
 from switchover.secrets import redactor_for
-from switchover.transport import LocalTransport, Result, SshOptions, SshTransport
+from switchover.transport import LocalTransport, Result, SshOptions, SshTransport, Transport
 
-if TYPE_CHECKING:  # rich loads after the first ssh connections are started (cli.deploy)
+if TYPE_CHECKING:  # these load after the first ssh connections are started (cli.deploy)
+    from switchover.hostops import HostOps, SwitchStep
     from switchover.output import Reporter
 
 
-def open_hosts(env: Environment, redact: Callable[[str], str] | None = None) -> list[HostOps]:
-    """One HostOps per host. `redact` masks secret values (read from the config's secrets
-    when not given: pass the one already made to read them once)."""
-    layout = Layout(env.deploy_to)
+def transports(env: Environment) -> list[Transport]:
+    """A transport per host of `env`, in its order (one local one for a local environment).
+    Made apart from open_hosts so that logins can start before the host code loads."""
     if env.is_local:
-        hosts = [HostOps(LOCAL, LocalTransport(), layout, env.timeout)]
-    else:
-        # A host that accepts TCP but never answers must not hold the fleet longer than a step.
-        connect = max(1, min(10, int(env.timeout)))
-        options = SshOptions(ssh_config=env.ssh_config, identity_file=env.identity_file,
-                             connect_timeout=connect)
-        hosts = [HostOps(h, SshTransport(h, options), layout, env.timeout) for h in env.hosts]
+        return [LocalTransport()]
+    # A host that accepts TCP but never answers must not hold the fleet longer than a step.
+    connect = max(1, min(10, int(env.timeout)))
+    options = SshOptions(ssh_config=env.ssh_config, identity_file=env.identity_file,
+                         connect_timeout=connect)
+    return [SshTransport(h, options) for h in env.hosts]
+
+
+def open_hosts(env: Environment, redact: Callable[[str], str] | None = None,
+               made: Sequence[Transport] | None = None) -> list[HostOps]:
+    """One HostOps per host, over the transports `made` for it (made here if None).
+    `redact` masks secret values (read from the config's secrets when not given: pass the
+    one already made to read them once)."""
+    from switchover.hostops import HostOps
+
+    layout = Layout(env.deploy_to)
+    specs = [LOCAL] if env.is_local else env.hosts
+    hosts = [HostOps(spec, t, layout, env.timeout)
+             for spec, t in zip(specs, made if made is not None else transports(env),
+                                strict=True)]
     if redact is None:
         redact = redactor_for(env)
     locking = LockPolicy(timeout=env.lock_timeout, app=env.app, env=env.name)

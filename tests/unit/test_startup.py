@@ -94,8 +94,9 @@ SSH_PROBE = textwrap.dedent("""
 
 
 def test_deploy_starts_ssh_before_the_output_and_deploy_code_load(tmp_path: Path) -> None:
-    # The logins overlap the rest of start-up (rich, the deploy code, the artifact scan):
-    # each of these loaded first would delay every host's connection by its import time.
+    # The logins overlap the rest of start-up (the host code, rich, the deploy code, the
+    # artifact scan): each of these loaded first would delay every host's connection by
+    # its import time.
     cfg = _project(tmp_path)
     with socket.socket() as s:  # a port nobody listens on: the deploy fails, quickly
         s.bind(("127.0.0.1", 0))
@@ -115,7 +116,7 @@ def test_deploy_starts_ssh_before_the_output_and_deploy_code_load(tmp_path: Path
     early = set(doc["at_ssh"])
     assert {"switchover.config", "switchover.session"} <= early
     assert not {"rich", "switchover.output", "switchover.deploy", "switchover.artifact",
-                "tarfile"} & early
+                "tarfile", "switchover.hostops", "switchover.clonepatch"} & early
 
 
 def test_deploy_with_webhook_and_url_check_loads_urllib(tmp_path: Path) -> None:
