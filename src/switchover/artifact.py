@@ -41,6 +41,8 @@ class Artifact:
     # Every file's path, size, mode and sha256 (manifest.scan): read once, stored with the
     # release on each host, and the basis of `sha256` for a directory artifact.
     entries: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # The lstat of every entry uploaded, from the same walk (for the clone listing).
+    stats: dict[str, os.stat_result] = field(default_factory=dict, repr=False)
     _tmp: str | None = field(default=None, repr=False)
 
     def cleanup(self) -> None:
@@ -184,39 +186,46 @@ def extract_tarball(path: Path, into: Path) -> None:
     check_links_inside(into, path)
 
 
-def check_tree(root: Path) -> None:
+def check_scanned(root: Path, scanned: manifest.TreeScan) -> None:
     """Refuse a directory artifact holding things that do not belong in a release.
 
-    One walk with plain string paths (this runs before every deploy: thousands of files).
-    A link resolving outside the tree (what check_links_inside looks for) is reported only
-    after every other check has passed, as when that was a walk of its own.
+    Looks at the scan's lstat of every entry it kept (an excluded path is not uploaded),
+    so it costs no walk of its own. A link resolving outside the tree (what
+    check_links_inside looks for) is reported only after every other check has passed.
     """
     real_root = os.path.realpath(root)
     escaping: str | None = None
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            mode = os.lstat(p).st_mode
-            if stat.S_ISREG(mode) and not mode & (stat.S_ISUID | stat.S_ISGID):
-                continue  # nearly every entry
-            rel = os.path.relpath(p, root)
-            if stat.S_ISLNK(mode):
-                target = os.readlink(p)
-                if os.path.isabs(target):
-                    raise ArtifactError(f"{root}: refusing {rel}: link to absolute path {target!r}")
-                resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-                if resolved == ".." or resolved.startswith("../"):
-                    raise ArtifactError(f"{root}: refusing {rel}: link points outside the release")
-                if escaping is None and _escapes(p, real_root):
-                    escaping = p
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                raise ArtifactError(f"{root}: refusing {rel}: device file")
-            elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                raise ArtifactError(f"{root}: refusing {rel}: FIFO or socket")
-            elif mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
-                raise ArtifactError(f"{root}: refusing {rel}: setuid/setgid bit")
+    for rel, st in scanned.stats.items():
+        mode = st.st_mode
+        if stat.S_ISREG(mode) and not mode & (stat.S_ISUID | stat.S_ISGID):
+            continue  # nearly every entry
+        if stat.S_ISLNK(mode):
+            target = scanned.entries[rel]["target"]
+            if os.path.isabs(target):
+                raise ArtifactError(f"{root}: refusing {rel}: link to absolute path {target!r}")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+            if resolved == ".." or resolved.startswith("../"):
+                raise ArtifactError(f"{root}: refusing {rel}: link points outside the release")
+            p = os.path.join(root, rel)
+            if escaping is None and _escapes(p, real_root):
+                escaping = p
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise ArtifactError(f"{root}: refusing {rel}: device file")
+        elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise ArtifactError(f"{root}: refusing {rel}: FIFO or socket")
+        elif mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
+            raise ArtifactError(f"{root}: refusing {rel}: setuid/setgid bit")
     if escaping is not None:
         raise _escape_error(root, root, escaping)
+
+
+def _scan(tree: Path, exclude: Sequence[str], label: Path, *,
+          cache: bool = False) -> manifest.TreeScan:
+    try:
+        return manifest.scan_tree(tree, exclude, cache=cache)
+    except OSError as e:
+        where = os.path.relpath(e.filename, tree) if e.filename else tree
+        raise ArtifactError(f"{label}: cannot read {where}: {e.strerror or e}") from None
 
 
 def tree_digest(entries: Mapping[str, Mapping[str, Any]]) -> tuple[str, int, int]:
@@ -242,13 +251,13 @@ def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
     if source.is_dir():
         if not any(source.iterdir()):
             raise ArtifactError(f"artifact {source} is an empty directory")
-        check_tree(source)
-        entries = manifest.scan(source, exclude, cache=True)
-        digest, files, size = tree_digest(entries)
+        scanned = _scan(source, exclude, source, cache=True)
+        check_scanned(source, scanned)
+        digest, files, size = tree_digest(scanned.entries)
         if files == 0:
             raise ArtifactError(f"artifact {source} has no files (after excludes)")
         return Artifact(tree=source, source=source, sha256=digest, files=files, size=size,
-                        entries=entries)
+                        entries=scanned.entries, stats=scanned.stats)
     if not source.is_file() or not source.name.endswith(TAR_SUFFIXES):
         raise ArtifactError(
             f"artifact {source} is not a directory or a tarball ({', '.join(TAR_SUFFIXES)})"
@@ -265,12 +274,12 @@ def prepare(source: Path, exclude: Sequence[str]) -> Artifact:
         if len(top) == 1 and top[0].is_dir() and not top[0].is_symlink():
             tree = top[0]
         # No hash cache: the tree is extracted afresh every time, every file is new.
-        entries = manifest.scan(tree, exclude)
-        _, files, size = tree_digest(entries)
+        scanned = _scan(tree, exclude, source)
+        _, files, size = tree_digest(scanned.entries)
         if files == 0:
             raise ArtifactError(f"artifact {source} holds no files")
         return Artifact(tree=tree, source=source, sha256=file_sha256(str(source)), files=files,
-                        size=size, entries=entries, _tmp=tmp)
+                        size=size, entries=scanned.entries, stats=scanned.stats, _tmp=tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

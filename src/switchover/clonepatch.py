@@ -7,7 +7,7 @@ artifact changes is then known from two listings:
 
 - the clone's, made on the host by GNU `find -printf` right after the copy (so it is the
   live tree as it is now, drift made by hand included), and
-- the artifact's, made here with the same excludes as manifest.scan,
+- the artifact's, from the walk that made its manifest (manifest.scan_tree),
 
 plus the live release's manifest (what each live file contained when it was uploaded),
 which tells content changes that keep size and mtime (quickcheck.py) from none.
@@ -20,9 +20,8 @@ clone's inodes, is never touched. Content changed by hand on the host with size 
 kept is not seen (as rsync's quick check would not see it).
 
 What cannot be listed faithfully falls back to the whole-tree rsync: names that are not
-UTF-8 or hold a newline or carriage return, special files in the artifact, unreadable
-directories, a host without GNU find or `cp -l`. Pure logic except `local_listing` and
-`names`, which read the artifact and this machine's user database.
+UTF-8 or hold a newline or carriage return, special files in the artifact, a host without
+GNU find or `cp -l`. Pure logic except `names`, which reads this machine's user database.
 """
 
 from __future__ import annotations
@@ -33,12 +32,9 @@ import os
 import pwd
 import stat
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
-
-from switchover.transport.local import excluded
 
 FIELDS = 8  # per entry of the host's listing: kind mode size mtime uid gid path target
 
@@ -109,33 +105,20 @@ def _node(st: os.stat_result, target: str = "") -> Node:
                 st.st_size if kind == "f" else 0, st.st_mtime_ns, st.st_uid, st.st_gid, target)
 
 
-def local_listing(root: Path, exclude: Sequence[str]) -> dict[str, Node]:
-    """Every entry under root after excludes (the same as manifest.scan keeps).
+def local_listing(stats: Mapping[str, os.stat_result],
+                  entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Node]:
+    """The artifact's listing, from its scan (manifest.scan_tree: the entries and the
+    lstat of each, after excludes); no I/O.
 
     Not root itself: rsync given "." in a file list copies the whole top level (its --dirs
     rule), so the release directory keeps the live one's mode and times.
     """
     out: dict[str, Node] = {}
-    def unreadable(e: OSError) -> None:
-        raise Unlistable(f"cannot read {e.filename}: {e.strerror}")
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        keep = []
-        for name in [*dirnames, *filenames]:
-            rel = os.path.join(rel_dir, name)
-            if excluded(rel, name, exclude):
-                continue
-            if not _faithful(rel):
-                raise Unlistable(f"a name this listing cannot carry: {rel!r}")
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            node = _node(st, os.readlink(p) if stat.S_ISLNK(st.st_mode) else "")
-            out[rel] = node
-            if node.kind == "d" and name in dirnames:
-                keep.append(name)
-        dirnames[:] = keep
+    for rel, st in stats.items():
+        if not _faithful(rel):
+            raise Unlistable(f"a name this listing cannot carry: {rel!r}")
+        target = entries[rel]["target"] if stat.S_ISLNK(st.st_mode) else ""
+        out[rel] = _node(st, target)
     return out
 
 

@@ -223,8 +223,8 @@ class Deployer:
                 self._listed = True
                 try:
                     self._local_listing = clonepatch.local_listing(
-                        self.artifact.tree, self.env.artifact.exclude)
-                except (clonepatch.Unlistable, OSError) as e:
+                        self.artifact.stats, self.artifact.entries)
+                except clonepatch.Unlistable as e:
                     self.out.note(f"uploading whole trees: {e}")
             return self._local_listing
 

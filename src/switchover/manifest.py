@@ -26,6 +26,16 @@ from switchover.transport.local import excluded
 VERSION = 1
 
 
+@dataclass
+class TreeScan:
+    """One walk of a tree, after excludes: the manifest's entries, and the lstat of every
+    entry kept (directories and special files too), so that the artifact checks and the
+    clone listing need no walk of their own."""
+
+    entries: dict[str, dict[str, Any]]
+    stats: dict[str, os.stat_result]  # top-down: a directory before what it holds
+
+
 def scan(root: Path, exclude: Sequence[str], *,
          cache: bool = False) -> dict[str, dict[str, Any]]:
     """Every file and symlink under root (after excludes), keyed by relative path.
@@ -35,9 +45,21 @@ def scan(root: Path, exclude: Sequence[str], *,
     host's listing leave it out. `cache`: reuse the sha256 of files unchanged since the
     last scan of this directory (hashcache.py); pointless for a tree made afresh each time.
     """
+    return scan_tree(root, exclude, cache=cache).entries
+
+
+def scan_tree(root: Path, exclude: Sequence[str], *, cache: bool = False) -> TreeScan:
+    """`scan`, keeping every entry's lstat too. Special files (devices, FIFOs, sockets)
+    are in `stats` only, and never opened. OSError if a directory cannot be read: a tree
+    scanned in part would deploy in part."""
     hashes = HashCache(root) if cache else None
     entries: dict[str, dict[str, Any]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    stats: dict[str, os.stat_result] = {}
+
+    def unreadable(e: OSError) -> None:
+        raise e
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
@@ -46,9 +68,10 @@ def scan(root: Path, exclude: Sequence[str], *,
             rel = os.path.join(rel_dir, name)
             if excluded(rel, name, exclude):
                 continue
-            if os.path.islink(os.path.join(dirpath, name)):  # os.walk does not follow it
-                entries[rel] = {"type": "link", "target": os.readlink(os.path.join(dirpath,
-                                                                                   name))}
+            p = os.path.join(dirpath, name)
+            st = stats[rel] = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):  # os.walk does not follow it
+                entries[rel] = {"type": "link", "target": os.readlink(p)}
                 continue
             keep.append(name)
         dirnames[:] = keep
@@ -57,7 +80,7 @@ def scan(root: Path, exclude: Sequence[str], *,
             if excluded(rel, name, exclude):
                 continue
             p = os.path.join(dirpath, name)
-            st = os.lstat(p)
+            st = stats[rel] = os.lstat(p)
             if stat.S_ISLNK(st.st_mode):
                 entries[rel] = {"type": "link", "target": os.readlink(p)}
             elif stat.S_ISREG(st.st_mode):
@@ -68,7 +91,7 @@ def scan(root: Path, exclude: Sequence[str], *,
                                 "mtime": st.st_mtime_ns // 1_000_000_000}
     if hashes is not None:
         hashes.save()
-    return entries
+    return TreeScan(entries, stats)
 
 
 def build(release: str, files: dict[str, dict[str, Any]], shared_files: Iterable[str],

@@ -17,6 +17,7 @@ from switchover.clonepatch import (
     parse_listing,
     plan,
 )
+from switchover.manifest import scan_tree
 
 SEC = 1_700_000_000 * 10**9
 
@@ -154,6 +155,10 @@ def test_the_hosts_ids_are_read_from_its_answer():
 
 
 def test_the_artifacts_listing_follows_the_excludes_and_refuses_what_it_cannot_carry(tmp_path):
+    def listing(exclude: list[str]) -> dict:
+        scanned = scan_tree(root, exclude)  # the walk that makes the manifest, and only it
+        return local_listing(scanned.stats, scanned.entries)
+
     root = tmp_path / "app"
     (root / "static" / "empty").mkdir(parents=True)
     (root / "static" / "a.js").write_text("a")
@@ -161,18 +166,23 @@ def test_the_artifacts_listing_follows_the_excludes_and_refuses_what_it_cannot_c
     (root / ".git" / "HEAD").write_text("ref")
     (root / "debug.log").write_text("x")
     os.symlink("static/a.js", root / "link")
-    got = local_listing(root, [".git", "*.log"])
-    assert sorted(got) == ["link", "static", "static/a.js", "static/empty"]
+    os.symlink("static", root / "dirlink")
+    got = listing([".git", "*.log"])
+    assert sorted(got) == ["dirlink", "link", "static", "static/a.js", "static/empty"]
     assert got["link"].kind == "l" and got["link"].target == "static/a.js"
+    assert got["dirlink"].kind == "l" and got["dirlink"].target == "static"
     assert got["static/a.js"].kind == "f" and got["static/a.js"].size == 1
     assert got["static/empty"].kind == "d"
+    # A directory comes before what it holds (rsync's file list needs it made first).
+    order = list(got)
+    assert order.index("static") < order.index("static/a.js")
     (root / "bad\nname").write_text("x")
     with pytest.raises(Unlistable):
-        local_listing(root, [])
+        listing([])
     (root / "bad\nname").unlink()
     os.mkfifo(root / "fifo")
     with pytest.raises(Unlistable):
-        local_listing(root, [])
+        listing([])
 
 
 def test_a_plan_is_made_once_per_listing():
