@@ -680,7 +680,7 @@ def _wait_for_step(slot: str, seconds: float) -> str:
     """
     limit = max(0, round(seconds))
     # No wait asked: report at once. Else the clock starts at the first check (round 10,
-    # ~0.1 s in): a `date` process only for steps that are not done by then. (Where `sleep`
+    # ~35 ms in): a `date` process only for steps that are not done by then. (Where `sleep`
     # takes whole seconds only, that start is ~9 s late: the bound is looser, not gone.)
     clock = (f"exit {RC_PENDING}" if limit == 0 else
              '  if [ $((i % 10)) -eq 0 ] || [ $i -gt 50 ]; then\n'
@@ -703,8 +703,9 @@ def _wait_for_step(slot: str, seconds: float) -> str:
         "  fi",
         "  i=$((i + 1))",
         clock,
-        # Poll fast at first (most steps take milliseconds), then gently.
-        "  if [ $i -le 50 ]; then t=0.01; else t=0.2; fi",
+        # Poll fast at first (most steps take milliseconds: a switch without hooks is done
+        # ~5-15 ms after its launch here), then gently.
+        '  if [ $i -le 10 ]; then t=0.002; elif [ $i -le 50 ]; then t=0.01; else t=0.2; fi',
         '  sleep "$t" 2>/dev/null || sleep 1',
         "done",
         f"echo {q(SECTION + 'status')}",
