@@ -151,14 +151,9 @@ def _fail(obj: Ctx, command: str, error: SwitchoverError | str, code: int) -> No
     if obj.out is not None:  # also into the run's log, and say where that is
         obj.out.error(message, hint)
         sys.exit(code)
-    from rich.markup import escape
-
     from switchover.output import Reporter
 
-    err = Reporter(command).err
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    if hint:
-        err.print(f"hint: {escape(hint)}", highlight=False)
+    Reporter(command).error(message, hint)
     sys.exit(code)
 
 

@@ -12,6 +12,7 @@ one is open, to the run's log file (which always gets the full -vv trace, timest
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -24,13 +25,11 @@ from io import StringIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.text import Text
-
 from switchover.secrets import redact_doc
 from switchover.units import human_size
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress, TaskID
 
     from switchover.transport.progress import ProgressCallback, SyncProgress
@@ -51,10 +50,41 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+# What rich drops from a Text (BEL, BS, VT, FF, CR): plain lines drop the same.
+_RICH_STRIPS = dict.fromkeys((7, 8, 11, 12, 13))
+
+
+def _expand_tabs(text: str) -> str:
+    """Tabs to spaces every 8 cells, as rich does: a wide character takes two cells."""
+    if "\t" not in text:
+        return text
+    from unicodedata import east_asian_width
+
+    out, col = [], 0
+    for ch in text:
+        if ch == "\t":
+            out.append(" " * (8 - col % 8))
+            col += 8 - col % 8
+        else:
+            out.append(ch)
+            col = 0 if ch == "\n" else col + (2 if east_asian_width(ch) in "WF" else 1)
+    return "".join(out)
+
+
+def _write_plain(stdout: bool, line: str) -> None:
+    """One line written as rich's console writes an unstyled Text off a terminal, without
+    loading rich (~30 ms of every command's start-up in CI and pipes). The stream is looked
+    up at each write, as rich does: a test or a wrapper may have replaced it."""
+    stream = sys.stdout if stdout else sys.stderr
+    stream.write(_expand_tabs(line.translate(_RICH_STRIPS)) + "\n")
+    stream.flush()
+
+
 def _live_display(console: Console) -> Progress:
     """Spinners and upload bars, on a terminal only: rich.progress (and rich.live) is only
     imported here, so runs in CI and pipes never load it."""
     from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task
+    from rich.text import Text
 
     class UploadBar(BarColumn):
         """A bar for uploads only: a spinner task shows its spinner and elapsed time."""
@@ -82,17 +112,9 @@ class Reporter:
         self.command = command
         self.json_mode = json_mode
         self.verbose = verbose
-        plain = plain_requested()
-        self.fancy = _isatty(sys.stderr) and not plain
-        # color_system=None: rich writes no escape codes at all (NO_COLOR alone would still
-        # let it emit bold and dim).
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True,
-                           color_system="auto" if self.fancy else None)
-        # Off a terminal rich assumes 80 columns and folds tables into unreadable slivers;
-        # pipes and CI logs have no width, so give tables room (COLUMNS still wins).
-        width = None if _isatty(sys.stdout) or "COLUMNS" in os.environ else 240
-        self.out = Console(highlight=False, soft_wrap=True, width=width,
-                           color_system=None if plain else "auto")
+        self._plain = plain_requested()
+        self.fancy = _isatty(sys.stderr) and not self._plain
+        self._styled_out = _isatty(sys.stdout) and not self._plain  # the result line
         # Parallel hosts report from threads: keep each line whole. Reentrant: a failing log
         # write reports itself from inside a locked section.
         self._lock = threading.RLock()
@@ -101,6 +123,42 @@ class Reporter:
         self._log_file: IO[str] | None = None
         self.log_path: Path | None = None
         self._held: dict[str, list[str]] | None = None  # see ordered()
+
+    # rich is loaded for a terminal (colours, the live display) and for tables only: off a
+    # terminal every line goes out through _write_plain.
+
+    @functools.cached_property
+    def err(self) -> Console:
+        from rich.console import Console
+
+        # color_system=None: rich writes no escape codes at all (NO_COLOR alone would still
+        # let it emit bold and dim).
+        return Console(stderr=True, highlight=False, soft_wrap=True,
+                       color_system="auto" if self.fancy else None)
+
+    @functools.cached_property
+    def out(self) -> Console:
+        from rich.console import Console
+
+        # Off a terminal rich assumes 80 columns and folds tables into unreadable slivers;
+        # pipes and CI logs have no width, so give tables room (COLUMNS still wins).
+        width = None if _isatty(sys.stdout) or "COLUMNS" in os.environ else 240
+        return Console(highlight=False, soft_wrap=True, width=width,
+                       color_system=None if self._plain else "auto")
+
+    def _line(self, parts: Sequence[tuple[str, str]], *, stdout: bool = False) -> None:
+        """One line of (text, style) parts; styled on a terminal, plain elsewhere. The
+        caller holds the lock."""
+        if not (self._styled_out if stdout else self.fancy):
+            _write_plain(stdout, "".join(text for text, _ in parts))
+            return
+        from rich.text import Text
+
+        # Text() + Text() would give the whole line the first part's style.
+        line = Text()
+        for text, style in parts:
+            line.append(text, style=style)
+        (self.out if stdout else self.err).print(line)
 
     # -- the one way out ---------------------------------------------------------------------
 
@@ -130,7 +188,7 @@ class Reporter:
                 held, self._held = self._held, None
                 for lines in held.values():
                     for line in lines:
-                        self.err.print(Text(line))
+                        _write_plain(False, line)
 
     def _emit(self, text: str, style: str | None = None, *, level: int = 0,
               host: str | None = None) -> None:
@@ -146,14 +204,7 @@ class Reporter:
                     return
         stamp = time.strftime("%H:%M:%S ") if self.verbose else ""
         with self._lock:
-            if self.fancy:
-                # Text() + Text() would give the whole line the first part's style.
-                text = Text()
-                text.append(stamp, style="dim")
-                text.append(line, style=style or "")
-                self.err.print(text)
-            else:
-                self.err.print(Text(stamp + line))
+            self._line([(stamp, "dim"), (line, style or "")])
 
     # -- progress lines --------------------------------------------------------------------
 
@@ -193,8 +244,7 @@ class Reporter:
         `announce=False`: the step's line is only shown with -v (and logged).
         """
         self._emit(f"{host}: {text}", level=0 if announce else 1, host=host)
-        task = self._add_task(f"[bold]{_markup_escape(host)}[/]: {_markup_escape(text)}",
-                              total=None, kind="spin")
+        task = self._add_task(host, text, total=None, kind="spin")
         try:
             yield
         finally:
@@ -206,8 +256,8 @@ class Reporter:
 
         Off a terminal it yields None: no progress is streamed, the step lines say enough.
         """
-        task = self._add_task(f"[bold]{_markup_escape(host)}[/]: upload", total=1000,
-                              kind="upload", info=f"0/{files} files")
+        task = self._add_task(host, "upload", total=1000, kind="upload",
+                              info=f"0/{files} files")
         if task is None:
             yield None
             return
@@ -228,9 +278,13 @@ class Reporter:
         finally:
             self._remove_task(task)
 
-    def _add_task(self, description: str, *, total: float | None, **fields: Any) -> TaskID | None:
+    def _add_task(self, host: str, text: str, *, total: float | None,
+                  **fields: Any) -> TaskID | None:
         if not self.fancy:
             return None
+        from rich.markup import escape
+
+        description = f"[bold]{escape(host)}[/]: {escape(text)}"
         with self._lock:
             if self._progress is None:
                 self._progress = _live_display(self.err)
@@ -260,9 +314,9 @@ class Reporter:
             text += f"; full log: {self.log_path}"
         line = f"[{self.command}] {text}"
         self._log(line)
-        console = self.out if ok and not self.json_mode else self.err
         with self._lock:
-            console.print(Text(line, style="bold green" if ok else "bold red"))
+            self._line([(line, "bold green" if ok else "bold red")],
+                       stdout=ok and not self.json_mode)
 
     def error(self, message: str, hint: str | None = None) -> None:
         """An error that ended the command (printed by the CLI), then where the log is."""
@@ -272,11 +326,11 @@ class Reporter:
         if hint:
             self._log(f"[{self.command}] hint: {hint}")
         with self._lock:
-            self.err.print(Text.assemble(("error:", "bold red"), f" {message}"))
+            self._line([("error:", "bold red"), (f" {message}", "")])
             if hint:
-                self.err.print(Text(f"hint: {hint}"))
+                self._line([(f"hint: {hint}", "")])
             if self.log_path is not None:
-                self.err.print(Text(f"[{self.command}] full log: {self.log_path}", style="dim"))
+                self._line([(f"[{self.command}] full log: {self.log_path}", "dim")])
 
     def print(self, renderable: Any) -> None:
         """A table or the like, on stdout."""
@@ -284,6 +338,8 @@ class Reporter:
             self.out.print(renderable)
         text = self.redact(cap.get())
         if self._log_file is not None:
+            from rich.console import Console
+
             plain = Console(file=StringIO(), width=200, color_system=None, soft_wrap=True)
             plain.print(renderable)
             self._log(self.redact(plain.file.getvalue()))  # type: ignore[attr-defined]
@@ -336,8 +392,8 @@ class Reporter:
             with contextlib.suppress(Exception):
                 f.close()
             with self._lock:
-                self.err.print(Text(f"[{self.command}] warning: stopped writing the log file "
-                                    f"{self.log_path}: {e}"))
+                self._line([(f"[{self.command}] warning: stopped writing the log file "
+                             f"{self.log_path}: {e}", "")])
 
     def close(self) -> None:
         """Stop the live display and close the log file. Safe to call more than once."""
@@ -349,12 +405,6 @@ class Reporter:
         if f is not None:
             with contextlib.suppress(OSError, ValueError):
                 f.close()
-
-
-def _markup_escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def prune_logs(directory: Path, keep: int) -> None:

@@ -181,6 +181,35 @@ def test_plain_reporter_writes_lines_and_logs_everything(tmp_path: Path, monkeyp
     out.step("web1", "after close: console only")  # a closed log is no error
 
 
+@pytest.mark.parametrize("text", [
+    "a\tb\tc", "x\r\ny", "bell\x07 bs\x08 vt\x0b ff\x0c", "esc\x1b[31mred", "日本\tx",
+    "[bold]not markup[/]", ":smile: no emoji", "  spaced  ", "",
+])
+def test_plain_lines_are_what_rich_writes_off_a_terminal(text: str, monkeypatch):
+    # Off a terminal lines bypass rich (not even imported); they must come out as rich's
+    # unstyled console wrote them: control codes dropped, tabs at 8 cells, no markup.
+    err, out = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    r = Reporter("deploy")
+    r.warn(text)
+    r.result_line(text)
+    r.error(text, hint=text)
+    lines = [f"[deploy] warning: {text}", f"error: {text}"] + ([f"hint: {text}"] if text else [])
+    assert err.getvalue() == "".join(_rich(line) for line in lines)
+    assert out.getvalue() == _rich(f"[deploy] {text}")
+
+
+def _rich(text: str) -> str:
+    """What rich's console writes for an unstyled Text off a terminal."""
+    from rich.console import Console
+    from rich.text import Text
+
+    f = io.StringIO()
+    Console(file=f, highlight=False, soft_wrap=True, color_system=None).print(Text(text))
+    return f.getvalue()
+
+
 def test_prune_logs_keeps_the_newest(tmp_path: Path):
     for i in range(5):
         (tmp_path / f"2026010{i}-000000-deploy.log").write_text("")

@@ -69,9 +69,10 @@ def test_deploy_loads_only_what_it_uses(tmp_path: Path) -> None:
     assert doc["code"] == 0, doc["stderr"]
     loaded = set(doc["modules"])
     assert {"switchover.config", "switchover.deploy"} <= loaded
+    # Off a terminal the lines are written plain: no rich at all (~30 ms of start-up).
     unused = {"switchover.manage", "switchover.plan", "switchover.notify",
               "switchover.histview", "switchover.scaffold", "switchover.verify",
-              "urllib.request", "http.client", "rich.progress", "rich.live", "rich.table"}
+              "urllib.request", "http.client", "rich"}
     assert not unused & loaded
 
 
