@@ -8,6 +8,7 @@ refused before a host is touched (exit 2).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import lzma
 import os
 import posixpath
@@ -38,7 +39,7 @@ class Artifact:
     sha256: str
     files: int
     size: int
-    # Every file's path, size, mode and sha256 (manifest.scan): read once, stored with the
+    # Every file's path, size, mode and sha256 (manifest.scan_tree): read once, stored with the
     # release on each host, and the basis of `sha256` for a directory artifact.
     entries: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     # The lstat of every entry uploaded, from the same walk (for the clone listing).
@@ -189,24 +190,24 @@ def extract_tarball(path: Path, into: Path) -> None:
 def check_scanned(root: Path, scanned: manifest.TreeScan) -> None:
     """Refuse a directory artifact holding things that do not belong in a release.
 
-    Looks at the scan's lstat of every entry it kept (an excluded path is not uploaded),
-    so it costs no walk of its own. A link resolving outside the tree (what
+    Every entry counts, excluded ones too (see TreeScan.excluded_stats), and the scan's
+    lstat of each is used: no walk of its own. A link resolving outside the tree (what
     check_links_inside looks for) is reported only after every other check has passed.
     """
     real_root = os.path.realpath(root)
     escaping: str | None = None
-    for rel, st in scanned.stats.items():
+    for rel, st in itertools.chain(scanned.stats.items(), scanned.excluded_stats.items()):
         mode = st.st_mode
         if stat.S_ISREG(mode) and not mode & (stat.S_ISUID | stat.S_ISGID):
             continue  # nearly every entry
+        p = os.path.join(root, rel)
         if stat.S_ISLNK(mode):
-            target = scanned.entries[rel]["target"]
+            target = os.readlink(p)
             if os.path.isabs(target):
                 raise ArtifactError(f"{root}: refusing {rel}: link to absolute path {target!r}")
             resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
             if resolved == ".." or resolved.startswith("../"):
                 raise ArtifactError(f"{root}: refusing {rel}: link points outside the release")
-            p = os.path.join(root, rel)
             if escaping is None and _escapes(p, real_root):
                 escaping = p
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):

@@ -113,6 +113,8 @@ def local_listing(stats: Mapping[str, os.stat_result],
     Not root itself: rsync given "." in a file list copies the whole top level (its --dirs
     rule), so the release directory keeps the live one's mode and times.
     """
+    if not stats.keys() >= entries.keys():  # an artifact made without its scan's stats
+        raise Unlistable("the artifact's scan kept no stats")
     out: dict[str, Node] = {}
     for rel, st in stats.items():
         if not _faithful(rel):

@@ -28,12 +28,15 @@ VERSION = 1
 
 @dataclass
 class TreeScan:
-    """One walk of a tree, after excludes: the manifest's entries, and the lstat of every
-    entry kept (directories and special files too), so that the artifact checks and the
-    clone listing need no walk of their own."""
+    """One walk of a tree: the manifest's entries, and the lstat of every entry (the
+    directories and special files too), so that the artifact checks and the clone listing
+    need no walk of their own."""
 
     entries: dict[str, dict[str, Any]]
-    stats: dict[str, os.stat_result]  # top-down: a directory before what it holds
+    stats: dict[str, os.stat_result]  # what is uploaded; a directory before what it holds
+    # What the excludes leave out: not uploaded, but still refused if hostile (an exclude
+    # may mean less to rsync than to `excluded`: a pattern must never hide a bad entry).
+    excluded_stats: dict[str, os.stat_result]
 
 
 def scan(root: Path, exclude: Sequence[str], *,
@@ -49,38 +52,45 @@ def scan(root: Path, exclude: Sequence[str], *,
 
 
 def scan_tree(root: Path, exclude: Sequence[str], *, cache: bool = False) -> TreeScan:
-    """`scan`, keeping every entry's lstat too. Special files (devices, FIFOs, sockets)
-    are in `stats` only, and never opened. OSError if a directory cannot be read: a tree
+    """`scan`, keeping every entry's lstat too, excluded ones included (excluded
+    directories are walked, nothing in them is read). Special files (devices, FIFOs,
+    sockets) are never opened. OSError if a directory to upload cannot be read: a tree
     scanned in part would deploy in part."""
     hashes = HashCache(root) if cache else None
     entries: dict[str, dict[str, Any]] = {}
     stats: dict[str, os.stat_result] = {}
+    left_out: dict[str, os.stat_result] = {}
+    hidden: set[str] = set()  # excluded directories, and every directory under one
 
     def unreadable(e: OSError) -> None:
-        raise e
+        rel = os.path.relpath(e.filename, root) if e.filename else ""
+        if rel not in hidden:  # what is not uploaded is not missed
+            raise e
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames.sort()
+        dirnames.sort()  # os.walk does not descend into symlinks to directories
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
-        keep = []
+        inside_hidden = rel_dir in hidden
         for name in dirnames:
             rel = os.path.join(rel_dir, name)
-            if excluded(rel, name, exclude):
-                continue
             p = os.path.join(dirpath, name)
-            st = stats[rel] = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):  # os.walk does not follow it
-                entries[rel] = {"type": "link", "target": os.readlink(p)}
+            st = os.lstat(p)
+            if inside_hidden or excluded(rel, name, exclude):
+                left_out[rel] = st
+                hidden.add(rel)
                 continue
-            keep.append(name)
-        dirnames[:] = keep
+            stats[rel] = st
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = {"type": "link", "target": os.readlink(p)}
         for name in sorted(filenames):
             rel = os.path.join(rel_dir, name)
-            if excluded(rel, name, exclude):
-                continue
             p = os.path.join(dirpath, name)
-            st = stats[rel] = os.lstat(p)
+            st = os.lstat(p)
+            if inside_hidden or excluded(rel, name, exclude):
+                left_out[rel] = st
+                continue
+            stats[rel] = st
             if stat.S_ISLNK(st.st_mode):
                 entries[rel] = {"type": "link", "target": os.readlink(p)}
             elif stat.S_ISREG(st.st_mode):
@@ -91,7 +101,7 @@ def scan_tree(root: Path, exclude: Sequence[str], *, cache: bool = False) -> Tre
                                 "mtime": st.st_mtime_ns // 1_000_000_000}
     if hashes is not None:
         hashes.save()
-    return TreeScan(entries, stats)
+    return TreeScan(entries, stats, left_out)
 
 
 def build(release: str, files: dict[str, dict[str, Any]], shared_files: Iterable[str],

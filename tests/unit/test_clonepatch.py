@@ -196,3 +196,13 @@ def test_a_plan_is_made_once_per_listing():
     assert cache.get(("live", "listing"), make) is cache.get(("live", "listing"), make)
     cache.get(("live", "other listing"), make)
     assert len(made) == 2
+
+
+def test_an_artifact_without_its_scans_stats_is_not_listed_as_empty(tmp_path):
+    # An empty listing would plan the removal of every file of the clone.
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "a.txt").write_text("a")
+    scanned = scan_tree(root, [])
+    with pytest.raises(Unlistable):
+        local_listing({}, scanned.entries)

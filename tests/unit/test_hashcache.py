@@ -12,8 +12,6 @@ import pytest
 
 from switchover import artifact, hashcache
 from switchover import manifest as M
-from switchover.artifact import prepare
-from switchover.errors import ArtifactError
 
 OLD = time.time() - 3600  # an hour ago: well clear of the racy window
 
@@ -215,24 +213,3 @@ def test_tarball_artifacts_use_no_cache(tmp_path: Path, monkeypatch) -> None:
     finally:
         art.cleanup()
     assert not hashcache.cache_dir("hashes").exists()
-
-
-def test_a_directory_that_cannot_be_read_fails_the_scan_not_the_deploy_in_part(tmp_path,
-                                                                             monkeypatch):
-    # A tree scanned in part would be deployed in part: the walk's errors are not skipped.
-    with pytest.raises(FileNotFoundError):
-        M.scan_tree(tmp_path / "gone", [])
-    # Root reads every directory, so the refusal of one is simulated where it happens.
-    app = tmp_path / "app"
-    (app / "secret").mkdir(parents=True)
-    (app / "index.html").write_text("hi")
-    real_scandir = os.scandir
-
-    def scandir(path):
-        if os.fspath(path).endswith("secret"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(ArtifactError, match=r"cannot read secret: Permission denied"):
-        prepare(app, [])
