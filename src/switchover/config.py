@@ -184,10 +184,6 @@ class SecretsConfig(_Strict):
         return self.env_file is not None or bool(self.from_env)
 
 
-# The tables an environment may override key by key; checked by the same classes.
-SECTIONS = ("health", "hooks", "shared", "secrets", "notify")
-
-
 class EnvironmentConfig(_Strict):
     deploy_to: str
     hosts: list[str] = []
@@ -338,25 +334,35 @@ def _describe(error: msgspec.ValidationError, prefix: str = "") -> tuple[str, st
     return loc or "(top level)", msg
 
 
+# The top-level tables: checked one by one as well when the file has errors.
+_TABLES: dict[str, type[msgspec.Struct]] = {
+    "artifact": ArtifactConfig, "shared": SharedConfig, "health": HealthConfig,
+    "hooks": HooksConfig, "secrets": SecretsConfig, "notify": NotifyConfig,
+}
+
+
 def _validate(path: Path, data: dict[str, Any]) -> FileConfig:
     try:
         return msgspec.convert(data, FileConfig)
     except msgspec.ValidationError as e:
-        first = e
+        first = _describe(e)
     # msgspec stops at the first error and names no table key ("environments[...]"):
-    # check each environment on its own, to name it and to report one error for each.
-    lines = []
+    # each table and each environment is checked on its own too, to report the first
+    # error of each (and of the top-level values) and to name the environment.
+    found: list[tuple[str, str]] = []
+    parts = [(key, data[key], table) for key, table in _TABLES.items() if key in data]
     envs = data.get("environments")
     if isinstance(envs, dict):
-        for name, table in envs.items():
-            try:
-                msgspec.convert(table, EnvironmentConfig)
-            except msgspec.ValidationError as e:
-                lines.append(_describe(e, f"environments.{name}"))
-    where, what = _describe(first)
-    if not where.startswith("environments[") or not lines:
-        lines.insert(0, (where, what))
-    return _fail(path, lines)
+        parts += [(f"environments.{name}", value, EnvironmentConfig)
+                  for name, value in envs.items()]
+    for where, value, table in parts:
+        try:
+            msgspec.convert(value, table)
+        except msgspec.ValidationError as e:
+            found.append(_describe(e, where))
+    if first not in found and (not first[0].startswith("environments[") or not found):
+        found.insert(0, first)
+    return _fail(path, found)
 
 
 def _fail(path: Path, errors: Sequence[tuple[str, str]]) -> NoReturn:

@@ -172,3 +172,25 @@ def test_bounds_and_checks_are_reported_at_their_key(tmp_path):
             load_environment(p, "a")
         assert f"{p}: {expected}" in str(exc.value), (snippet, str(exc.value))
         assert "token" not in str(exc.value)  # a webhook URL is not repeated: it may be secret
+
+
+def test_each_table_reports_its_own_first_error(tmp_path):
+    p = write(tmp_path, """
+        app = "x"
+        keep_releases = 0
+        [environments.p]
+        deploy_to = "/srv/x"
+        parallel = 0
+        [health]
+        timeout = 0
+        [hooks]
+        after_switch = "echo"
+    """)
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "p")
+    assert str(exc.value).splitlines() == [
+        f"{p}: keep_releases: must be greater than or equal to 1",
+        f"{p}: health.timeout: must be greater than 0",
+        f"{p}: hooks.after_switch: Expected `array`, got `str`",
+        f"{p}: environments.p.parallel: must be greater than or equal to 1",
+    ]
