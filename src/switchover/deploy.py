@@ -159,6 +159,7 @@ class Deployer:
         self._live_manifests: dict[str, dict[str, dict[str, Any]] | None] = {}
         self._manifest: bytes | None = None
         self._manifest_lock = threading.Lock()
+        self._manifest_stored = False
         self._listed = False
         self._listing_lock = threading.Lock()
         self._plans = clonepatch.PlanCache()
@@ -231,16 +232,24 @@ class Deployer:
             return self._local_listing
 
     def _manifest_bytes(self) -> bytes:
-        """The new release's manifest, built once for every host and kept locally so the
-        next deploy can trust rsync's quick check against it (sentmanifests.py)."""
+        """The new release's manifest, built once for every host (see _prefetch_manifest)."""
         assert self.release is not None
         with self._manifest_lock:  # not _memo_lock: uploads must not wait for this
             if self._manifest is None:
                 shared = self.env.shared
                 self._manifest = M.encode(M.build(self.release, self.artifact.entries,
                                                   shared.files, shared.dirs))
-                sentmanifests.store(self._manifest)
             return self._manifest
+
+    def _finalize_manifest(self) -> bytes:
+        """The manifest for a host's finalize; the first one also keeps it locally, so the
+        next deploy can trust rsync's quick check against it (sentmanifests.py)."""
+        data = self._manifest_bytes()
+        with self._manifest_lock:
+            if not self._manifest_stored:
+                self._manifest_stored = True
+                sentmanifests.store(data)
+        return data
 
     # -- phases --------------------------------------------------------------------------
 
@@ -323,17 +332,21 @@ class Deployer:
                     # rsync may still write to that staging path; its history lines name it.
                     used = {i for r in self.runs if r.state for i in r.state.used_ids()}
                     self.release = choose_release_id(self.candidate, used)
-                    # The manifest (~10 ms of JSON for 2000 files) is made while the hosts
-                    # upload, not when the first of them is ready to finalize.
-                    threading.Thread(target=self._prefetch_manifest, name="manifest",
-                                     daemon=True).start()
+                    self._start_manifest()
             finally:
                 self._acquired.set()  # whatever happened: no host may wait for it forever
 
-    def _prefetch_manifest(self) -> None:
-        # Best effort: finalize makes it again (and reports what went wrong) if this failed.
-        with contextlib.suppress(Exception):
-            self._manifest_bytes()
+    def _start_manifest(self) -> None:
+        """Encode the manifest (~10 ms of JSON for 2000 files) while the hosts upload, not
+        when the first of them is ready to finalize. Best effort: finalize makes it itself
+        (and reports what went wrong) if this did not; nothing is stored from here."""
+
+        def build() -> None:
+            with contextlib.suppress(Exception):
+                self._manifest_bytes()
+
+        with contextlib.suppress(RuntimeError):  # no thread to spare: finalize builds it
+            threading.Thread(target=build, name="manifest", daemon=True).start()
 
     def _halt_for_failure(self) -> None:
         with self._memo_lock:
@@ -398,7 +411,7 @@ class Deployer:
             self._check_cancel()
         with self.out.activity(run.name, "moving the release into place", announce=False):
             ops.finalize(release, self.env.shared.files, self.env.shared.dirs,
-                         self._manifest_bytes())
+                         self._finalize_manifest())
         self._run_hooks(run, "before_switch", self.env.hooks.before_switch, release)
 
     def _switch(self, run: HostRun) -> None:
