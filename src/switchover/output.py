@@ -55,10 +55,12 @@ _RICH_STRIPS = dict.fromkeys((7, 8, 11, 12, 13))
 
 
 def _expand_tabs(text: str) -> str:
-    """Tabs to spaces every 8 cells, as rich does: a wide character takes two cells."""
+    """Tabs to spaces every 8 cells, as rich does, counting cells with rich's own table
+    (wide characters take two, combining and control characters none). Only a line with
+    a tab loads that table."""
     if "\t" not in text:
         return text
-    from unicodedata import east_asian_width
+    from rich.cells import cell_len
 
     out, col = [], 0
     for ch in text:
@@ -67,7 +69,7 @@ def _expand_tabs(text: str) -> str:
             col += 8 - col % 8
         else:
             out.append(ch)
-            col = 0 if ch == "\n" else col + (2 if east_asian_width(ch) in "WF" else 1)
+            col = 0 if ch == "\n" else col + cell_len(ch)
     return "".join(out)
 
 
@@ -114,7 +116,9 @@ class Reporter:
         self.verbose = verbose
         self._plain = plain_requested()
         self.fancy = _isatty(sys.stderr) and not self._plain
-        self._styled_out = _isatty(sys.stdout) and not self._plain  # the result line
+        # The result line is styled where rich would style it: a terminal, or FORCE_COLOR.
+        self._styled_out = (_isatty(sys.stdout) or bool(os.environ.get("FORCE_COLOR"))) \
+            and not self._plain
         # Parallel hosts report from threads: keep each line whole. Reentrant: a failing log
         # write reports itself from inside a locked section.
         self._lock = threading.RLock()

@@ -183,9 +183,11 @@ def test_plain_reporter_writes_lines_and_logs_everything(tmp_path: Path, monkeyp
 
 @pytest.mark.parametrize("text", [
     "a\tb\tc", "x\r\ny", "bell\x07 bs\x08 vt\x0b ff\x0c", "esc\x1b[31mred", "日本\tx",
-    "[bold]not markup[/]", ":smile: no emoji", "  spaced  ", "",
+    "[bold]not markup[/]", ":smile: no emoji", "  spaced  ", "", "a\u0301\tb", "\u200b\tx",
+    "\x00\tx", "\x7f\tx", "\xad\tx", "\U0001F600\tx",
 ])
 def test_plain_lines_are_what_rich_writes_off_a_terminal(text: str, monkeypatch):
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
     # Off a terminal lines bypass rich (not even imported); they must come out as rich's
     # unstyled console wrote them: control codes dropped, tabs at 8 cells, no markup.
     err, out = io.StringIO(), io.StringIO()
@@ -198,6 +200,21 @@ def test_plain_lines_are_what_rich_writes_off_a_terminal(text: str, monkeypatch)
     lines = [f"[deploy] warning: {text}", f"error: {text}"] + ([f"hint: {text}"] if text else [])
     assert err.getvalue() == "".join(_rich(line) for line in lines)
     assert out.getvalue() == _rich(f"[deploy] {text}")
+
+
+def test_force_color_styles_the_result_line_off_a_terminal(monkeypatch):
+    # As rich does with FORCE_COLOR; NO_COLOR still wins.
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    Reporter("deploy").result_line("live")
+    assert "\x1b[" in out.getvalue() and "[deploy] live" in out.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    out.truncate(0)
+    out.seek(0)
+    Reporter("deploy").result_line("live")
+    assert out.getvalue() == "[deploy] live\n"
 
 
 def _rich(text: str) -> str:
