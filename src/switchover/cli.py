@@ -352,9 +352,9 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
                      env.batch_size, env.canary_hosts)
         made = transports(env)
         try:
-            # The first wave of hosts connects while the host code, the reporter (rich) and
-            # the deploy code load and the artifact is scanned (or unpacked): the handshakes
-            # run in ssh processes, on a core this process is not using.
+            # The first wave of hosts connects while the host code, the reporter and the
+            # deploy code load and the artifact is scanned (or unpacked): the handshakes run
+            # in ssh processes, on a core this process is not using.
             for t in made[:env.parallel]:
                 t.open_early()
             hosts = obj.host_ops(env, made)

@@ -1,5 +1,5 @@
 """Sizes for people: apart from output.py so that the host code can use it without loading
-rich (which output.py needs) before the first ssh connection is started."""
+the output code."""
 
 from __future__ import annotations
 
