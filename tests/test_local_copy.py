@@ -53,13 +53,18 @@ def test_excludes_match_what_rsync_excludes(tmp_path):
         pytest.skip("rsync not installed")
     src = tmp_path / "src"
     for rel in ("logs/a.log", "app/logs/b.log", "app/logs/keep.txt", "other/c.txt",
-                "x/other/d.txt", "top.log", "deep/er/top.log", "cache/f"):
+                "x/other/d.txt", "top.log", "deep/er/top.log", "cache/f", "app/cache"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(rel)
+    (src / "lnk").mkdir()
+    (src / "lnk" / "cache").symlink_to("../x")  # a link to a directory is not a directory
     patterns = ["logs/*.log", "/other", "cache/", "*.tmp"]
     dest = tmp_path / "dest"
     subprocess.run(["rsync", "-a", *(f"--exclude={p}" for p in patterns), f"{src}/", f"{dest}/"],
                    check=True)
-    uploaded = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    uploaded = {str(p.relative_to(dest)) for p in dest.rglob("*")
+                if p.is_symlink() or p.is_file()}
     assert set(manifest.scan(src, patterns)) == uploaded
     assert "app/logs/keep.txt" in uploaded and "x/other/d.txt" in uploaded
+    # "cache/" is for directories only: a file or a link of that name is uploaded.
+    assert {"app/cache", "lnk/cache"} <= uploaded and "cache/f" not in uploaded

@@ -76,7 +76,7 @@ def scan_tree(root: Path, exclude: Sequence[str], *, cache: bool = False) -> Tre
             rel = os.path.join(rel_dir, name)
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            if inside_hidden or excluded(rel, name, exclude):
+            if inside_hidden or excluded(rel, name, exclude, is_dir=stat.S_ISDIR(st.st_mode)):
                 left_out[rel] = st
                 hidden.add(rel)
                 continue

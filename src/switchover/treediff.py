@@ -166,7 +166,7 @@ def _walk(root: Path, exclude: Sequence[str]) -> dict[str, _Entry]:
         keep = []
         for name in sorted(dirnames):
             rel = os.path.join(rel_dir, name)
-            if excluded(rel, name, exclude):
+            if excluded(rel, name, exclude, is_dir=not Path(dirpath, name).is_symlink()):
                 continue
             if Path(dirpath, name).is_symlink():
                 filenames.append(name)  # os.walk lists links to dirs as dirs

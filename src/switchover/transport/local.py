@@ -105,15 +105,19 @@ class LocalTransport:
         return shutil.which("rsync") is not None  # without it, sync(only=...) sends nothing
 
 
-def excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
+def excluded(rel: str, name: str, patterns: Sequence[str], is_dir: bool = False) -> bool:
     """rsync's --exclude matching, so the manifest lists exactly what rsync uploads.
 
     A pattern without '/' matches a name at any depth; one starting with '/' matches the
     path from the tree's root; any other pattern with a '/' matches the end of the path
-    (`logs/*.log` excludes `app/logs/x.log` too).
+    (`logs/*.log` excludes `app/logs/x.log` too). A pattern ending in '/' matches
+    directories only (`is_dir`: a real directory, not a symlink to one, as rsync -a sees
+    it).
     """
     parts = rel.split("/")
     for pattern in patterns:
+        if pattern.endswith("/") and not is_dir:
+            continue
         p = pattern.rstrip("/")
         if p.startswith("/"):
             if fnmatch.fnmatchcase(rel, p[1:]):
@@ -148,7 +152,7 @@ def copy_tree(
         for name in list(dirnames):
             rel = os.path.join(rel_dir, name)
             path = Path(dirpath, name)
-            if excluded(rel, name, exclude):
+            if excluded(rel, name, exclude, is_dir=not path.is_symlink()):
                 dirnames.remove(name)
             elif path.is_symlink():
                 dirnames.remove(name)
