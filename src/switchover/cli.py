@@ -342,14 +342,13 @@ def deploy(obj: Ctx, environment: str, artifact: str | None, checks: tuple[str, 
             out = obj.reporter("deploy", env)
             out.step("local", f"building: {env.artifact.build}")
             run_build(env.artifact.build, obj.config.resolve().parent)
-        from switchover.hosts import LOCAL
-        from switchover.session import transports
+        from switchover.session import host_specs, transports
         from switchover.strategy import plan_batches
 
         # A bad strategy (an unknown canary host) is a usage error before any host is
         # touched: checked here too, as the first wave connects before the Deployer runs.
-        plan_batches(env.strategy, [h.name for h in env.hosts] or [LOCAL.name],
-                     env.batch_size, env.canary_hosts)
+        plan_batches(env.strategy, [h.name for h in host_specs(env)], env.batch_size,
+                     env.canary_hosts)
         made = transports(env)
         try:
             # The first wave of hosts connects while the host code, the reporter and the

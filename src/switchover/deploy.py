@@ -232,7 +232,7 @@ class Deployer:
             return self._local_listing
 
     def _manifest_bytes(self) -> bytes:
-        """The new release's manifest, built once for every host (see _prefetch_manifest)."""
+        """The new release's manifest, built once for every host (see _start_manifest)."""
         assert self.release is not None
         with self._manifest_lock:  # not _memo_lock: uploads must not wait for this
             if self._manifest is None:

@@ -181,10 +181,6 @@ class HostOps:
     def connect(self) -> None:
         self.transport.connect()
 
-    def open_early(self) -> None:
-        """Start connecting now, in the background (see Transport.open_early)."""
-        self.transport.open_early()
-
     def read_state(self, full_history: bool = False) -> HostState:
         """The host's state; its history is the lines decisions need unless `full_history`
         (see commands.dump_state)."""

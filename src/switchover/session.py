@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from switchover.config import Environment
-from switchover.hosts import LOCAL
+from switchover.hosts import LOCAL, HostSpec
 from switchover.layout import Layout
 from switchover.locks import LockPolicy
 from switchover.secrets import redactor_for
@@ -15,6 +15,11 @@ from switchover.transport import LocalTransport, Result, SshOptions, SshTranspor
 if TYPE_CHECKING:  # these load after the first ssh connections are started (cli.deploy)
     from switchover.hostops import HostOps, SwitchStep
     from switchover.output import Reporter
+
+
+def host_specs(env: Environment) -> list[HostSpec]:
+    """The hosts a command works on: the environment's, or this machine for a local one."""
+    return [LOCAL] if env.is_local else list(env.hosts)
 
 
 def transports(env: Environment) -> list[Transport]:
@@ -37,9 +42,8 @@ def open_hosts(env: Environment, redact: Callable[[str], str] | None = None,
     from switchover.hostops import HostOps
 
     layout = Layout(env.deploy_to)
-    specs = [LOCAL] if env.is_local else env.hosts
     hosts = [HostOps(spec, t, layout, env.timeout)
-             for spec, t in zip(specs, made if made is not None else transports(env),
+             for spec, t in zip(host_specs(env), made if made is not None else transports(env),
                                 strict=True)]
     if redact is None:
         redact = redactor_for(env)
