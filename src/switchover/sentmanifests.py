@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from switchover.cache import cache_dir, write_private
+from switchover.manifest import decode
 
 KEEP = 32  # manifests kept; a fleet in drift needs one per release it runs
 
@@ -46,7 +46,7 @@ def load(digest: str | None) -> dict[str, dict[str, Any]] | None:
     if hashlib.sha256(data).hexdigest() != digest:
         return None  # damaged: never trust it
     try:
-        doc = json.loads(data)
+        doc = decode(data)
     except ValueError:
         return None
     files = doc.get("files") if isinstance(doc, dict) else None
@@ -55,6 +55,18 @@ def load(digest: str | None) -> dict[str, dict[str, Any]] | None:
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used: kept by _prune
     return files
+
+
+def newest() -> str | None:
+    """The digest of the copy stored or loaded last (the likeliest live one), if any."""
+    best: tuple[float, str] | None = None
+    with contextlib.suppress(OSError):
+        for p in _dir().glob("*.json"):
+            with contextlib.suppress(OSError):
+                t = p.stat().st_mtime
+                if best is None or t > best[0]:
+                    best = (t, p.stem)
+    return best[1] if best else None
 
 
 def _prune(directory: Path) -> None:
