@@ -121,6 +121,9 @@ def test_release_id_taken_on_one_host_moves_the_whole_fleet_to_a_new_one(project
         assert project.current(host) == ahead + "_02"
         assert project.live_file("index.html", host) == "v2\n"
         assert not list((project.root(host) / ".switchover" / "staging").iterdir())
+        # The manifest made ahead for the proposed id is not the one stored
+        stored = project.root(host) / ".switchover" / "manifests" / f"{ahead}_02.json"
+        assert json.loads(stored.read_text())["release"] == ahead + "_02"
         mine = [e for e in project.history(host) if e["deploy_id"] == data["deploy_id"]]
         started = [e["release"] for e in mine if e["event"] == "deploy_started"]
         assert started[-1] == ahead + "_02"

@@ -157,7 +157,7 @@ class Deployer:
         self._prepare_ok = True
         self._memo_lock = threading.RLock()
         self._live_manifests: dict[str, dict[str, dict[str, Any]] | None] = {}
-        self._manifest: bytes | None = None
+        self._manifests: dict[str, bytes] = {}  # release id -> the manifest's bytes
         self._manifest_lock = threading.Lock()
         self._manifest_stored = False
         self._listed = False
@@ -219,7 +219,7 @@ class Deployer:
 
     def _listing(self) -> dict[str, clonepatch.Node] | None:
         """The artifact's full listing for clone uploads, made once for every host (begun
-        while the hosts connect, see _phases); None if it cannot be listed faithfully
+        while the hosts log in, see _prefetch); None if it cannot be listed faithfully
         (every host then uploads the whole tree)."""
         with self._listing_lock:  # not _memo_lock: hosts arriving must not wait for this
             if not self._listed:
@@ -231,20 +231,20 @@ class Deployer:
                     self.out.note(f"uploading whole trees: {e}")
             return self._local_listing
 
-    def _manifest_bytes(self) -> bytes:
-        """The new release's manifest, built once for every host (see _start_manifest)."""
-        assert self.release is not None
+    def _manifest_bytes(self, release: str) -> bytes:
+        """The manifest of `release`, built once for every host (see _prefetch)."""
         with self._manifest_lock:  # not _memo_lock: uploads must not wait for this
-            if self._manifest is None:
+            if release not in self._manifests:
                 shared = self.env.shared
-                self._manifest = M.encode(M.build(self.release, self.artifact.entries,
-                                                  shared.files, shared.dirs))
-            return self._manifest
+                self._manifests[release] = M.encode(M.build(release, self.artifact.entries,
+                                                            shared.files, shared.dirs))
+            return self._manifests[release]
 
     def _finalize_manifest(self) -> bytes:
         """The manifest for a host's finalize; the first one also keeps it locally, so the
         next deploy can trust rsync's quick check against it (sentmanifests.py)."""
-        data = self._manifest_bytes()
+        assert self.release is not None
+        data = self._manifest_bytes(self.release)
         with self._manifest_lock:
             if not self._manifest_stored:
                 self._manifest_stored = True
@@ -332,21 +332,34 @@ class Deployer:
                     # rsync may still write to that staging path; its history lines name it.
                     used = {i for r in self.runs if r.state for i in r.state.used_ids()}
                     self.release = choose_release_id(self.candidate, used)
-                    self._start_manifest()
+                    if self.release != self.candidate:  # (the candidate's is prefetched)
+                        self._start_manifest(self.release)
             finally:
                 self._acquired.set()  # whatever happened: no host may wait for it forever
 
-    def _start_manifest(self) -> None:
-        """Encode the manifest (~10 ms of JSON for 2000 files) while the hosts upload, not
-        when the first of them is ready to finalize. Best effort: finalize makes it itself
-        (and reports what went wrong) if this did not; nothing is stored from here."""
+    def _start_manifest(self, release: str) -> None:
+        """Encode the manifest of a release id other than the candidate (~10 ms of JSON for
+        2000 files) while the hosts upload. Best effort, as in _prefetch."""
 
         def build() -> None:
             with contextlib.suppress(Exception):
-                self._manifest_bytes()
+                self._manifest_bytes(release)
 
         with contextlib.suppress(RuntimeError):  # no thread to spare: finalize builds it
             threading.Thread(target=build, name="manifest", daemon=True).start()
+
+    def _prefetch(self) -> None:
+        """Work for the first upload and finalize, done while the hosts log in (this
+        process is idle then; done after the lock, it held up the upload ~15 ms at 1 host):
+        the artifact's listing, the candidate release's manifest, and the manifest copy the
+        hosts most likely run (the one this machine sent or used last). Best effort: each
+        is made again where it is needed if this did not, and errors are reported there;
+        nothing is stored from here."""
+        self._listing()
+        with contextlib.suppress(Exception):
+            self._manifest_bytes(self.candidate)
+        with contextlib.suppress(Exception):
+            self._live_files(sentmanifests.newest())
 
     def _halt_for_failure(self) -> None:
         with self._memo_lock:
@@ -653,9 +666,8 @@ class Deployer:
         # the steps in flight at once.
         for r in runs:
             r.ops.transport.abort = self.halt
-        # The artifact's listing is made while the hosts connect and lock (they wait on the
-        # network): the first upload needs it.
-        threading.Thread(target=self._listing, name="listing", daemon=True).start()
+        with contextlib.suppress(RuntimeError):  # no thread to spare: made when needed
+            threading.Thread(target=self._prefetch, name="prefetch", daemon=True).start()
         # 1 + 2. prepare and stage: pipelined per host when every host has a worker (see
         # _prepare_and_stage); in two waves when `parallel` is smaller than the fleet (a
         # worker waiting for a host that has none would wait forever).

@@ -68,6 +68,18 @@ def test_manifest_copies_are_bounded(tmp_path, monkeypatch):
     assert left == set(digests[-sentmanifests.KEEP:])
 
 
+def test_the_newest_copy_is_the_one_stored_or_used_last(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWITCHOVER_CACHE_DIR", str(tmp_path))
+    assert sentmanifests.newest() is None  # no cache yet
+    first = sentmanifests.store(b'{"files": {}, "n": 1}')
+    second = sentmanifests.store(b'{"files": {}, "n": 2}')
+    for age, digest in ((2000, first), (1000, second)):
+        os.utime(tmp_path / "manifests" / f"{digest}.json", (age, age))
+    assert sentmanifests.newest() == first
+    assert sentmanifests.load(second) == {}  # a use makes it the newest
+    assert sentmanifests.newest() == second
+
+
 def test_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -108,3 +120,21 @@ def test_quick_check_only_with_exclude_patterns_rsync_reads_the_same_way(pattern
 
 def test_quick_check_needs_sizes_too():
     assert not usable({"a": {"type": "file", "sha256": "a"}}, {"a": f("b")})
+
+
+def test_manifest_bytes_are_sorted_json_and_any_name_round_trips(tmp_path, monkeypatch):
+    from switchover import manifest as M
+
+    monkeypatch.setenv("SWITCHOVER_CACHE_DIR", str(tmp_path))
+    files = {"z.txt": f("a"), "caf\u00e9": f("b"), "a/b": {"type": "link", "target": "../z"}}
+    doc = M.build("20260101_000000", files, [".env"], ["log"])
+    data = M.encode(doc)
+    assert data.endswith(b"\n") and json.loads(data) == doc
+    assert list(json.loads(data)) == sorted(doc)
+    assert list(json.loads(data)["files"]) == sorted(files)
+    assert M.encode(doc) == data  # the digest names these exact bytes
+    # A name that is not UTF-8 (a surrogate in Python) still encodes, and reads back as is
+    odd = {**files, b"caf\xe9".decode("utf-8", "surrogateescape"): f("c")}
+    odd_data = M.encode({**doc, "files": odd})
+    assert M.decode(odd_data)["files"] == odd
+    assert sentmanifests.load(sentmanifests.store(odd_data)) == odd
