@@ -98,6 +98,7 @@ def test_one_drop_mid_upload_is_retried_and_resumes(proxied):
     proxy.plan(cut_after=6 * MB, cuts=1)
     r = p.ok("deploy", "test")
     assert "connection lost during upload" in r.stderr and "retrying" in r.stderr
+    assert "rsync exit 255" in r.stderr and "rsh-exit" not in r.stderr  # ssh's status
     conns = proxy.conns[first:]
     cut = [i for i, c in enumerate(conns) if c.cut]
     assert len(cut) == 1 and len(conns) > cut[0] + 1, conns

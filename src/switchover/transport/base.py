@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -267,6 +268,41 @@ def rsync_failure(rc: int, stderr: str, host: str, what: str = "upload") -> Tran
         return ConnectionLost(f"connection lost during {what} (rsync exit {rc}): {reason}",
                               host=host)
     return TransferError(f"{what} failed (rsync exit {rc}): {reason}", host=host)
+
+
+RSH_EXIT = "@@switchover:rsh-exit "
+
+
+def unwaited_rsh(ssh: Sequence[str]) -> str:
+    """An `rsync -e` command that runs `ssh` in the background of a shell that exits at once.
+
+    rsync waits for its remote shell in steps of 20 ms (wait_process_with_flush), and ssh
+    always exits a moment after rsync's first look: ~20 ms of every upload went there
+    (median 62 -> 42 ms for a 3-file rsync over a master). ssh's exit status, which rsync
+    would have folded into its own, comes back as a line on stderr (see rsh_status); we
+    still read stderr to its end, that is until ssh has exited. Quoting: rsync splits the
+    command on spaces and honours quotes as sh does for shlex.quote's output.
+    """
+    command = " ".join(shlex.quote(a) for a in ssh)
+    script = (f'exec 3<&0; {{ {command} "$@" <&3 3<&-; r=$?; [ "$r" -eq 0 ] ||'
+              f" echo {shlex.quote(RSH_EXIT)}\"$r\" >&2; }} & exit 0")
+    return " ".join(shlex.quote(a) for a in ("sh", "-c", script, "sh"))
+
+
+def rsh_status(rc: int, stderr: str) -> tuple[int, str]:
+    """rsync's exit code as it would have been with ssh its own child (see unwaited_rsh),
+    and stderr without our line: rsync takes the remote shell's status when its own is 0,
+    and the larger of the two when it fails (its cleanup)."""
+    child = 0
+    kept = []
+    for line in stderr.splitlines(keepends=True):
+        if line.startswith(RSH_EXIT) and line[len(RSH_EXIT):].strip().isdigit():
+            child = int(line[len(RSH_EXIT):])
+        else:
+            kept.append(line)
+    if child:
+        rc = child if rc == 0 else max(rc, child)
+    return rc, "".join(kept)
 
 
 def rsync_args(src: Path, link_dest: str | None, exclude: Sequence[str],

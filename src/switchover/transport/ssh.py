@@ -29,9 +29,11 @@ from switchover.transport.base import (
     _kill_group,
     _text,
     parse_rsync_stats,
+    rsh_status,
     rsync_args,
     rsync_failure,
     run_process,
+    unwaited_rsh,
 )
 from switchover.transport.mux import (
     MuxUnavailable,
@@ -332,16 +334,17 @@ class SshTransport:
         argv = [
             *rsync_args(src, link_dest, exclude, checksum, only is not None),
             "-s",
-            "-e", self.rsh(),
+            "-e", unwaited_rsh(self._command_args()),
             f"{self.host.destination}:{dest.rstrip('/')}/",
         ]
         cp = run_rsync(argv, timeout=timeout, host=self.host.name, what='upload',
                        abort=self.abort, progress=progress, only=only)
-        if cp.returncode != 0:
-            error = rsync_failure(cp.returncode, cp.stderr, self.host.name)
-            if cp.returncode == SSH_CONNECTION_FAILED and not isinstance(error, DiskFull):
+        rc, stderr = rsh_status(cp.returncode, cp.stderr)
+        if rc != 0:
+            error = rsync_failure(rc, stderr, self.host.name)
+            if rc == SSH_CONNECTION_FAILED and not isinstance(error, DiskFull):
                 error = ConnectionLost(f"connection lost during upload (rsync exit 255): "
-                                       f"{describe_ssh_failure(cp.stderr)}", host=self.host.name)
+                                       f"{describe_ssh_failure(stderr)}", host=self.host.name)
             raise error
         return parse_rsync_stats(cp.stdout)
 
