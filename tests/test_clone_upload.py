@@ -83,6 +83,8 @@ def redeploy_is_exact(p: Project, host_user: tuple[int, int] | None = None) -> N
     write(app / "#hash.txt", "v1\n", T0)  # rsync reads # and ; at the start of a list
     os.symlink("static/asset1.js", app / "retarget")  # entry as a comment
     os.symlink("static/asset2.js", app / "link_to_file")
+    write(app / "sealed/conf.txt", "v1\n", T0)  # in a read-only directory; changes in v2
+    (app / "sealed").chmod(0o555)
     pin_dirs(app)
     p.ok("deploy", "test")
     hosts = p.target.hosts
@@ -120,6 +122,9 @@ def redeploy_is_exact(p: Project, host_user: tuple[int, int] | None = None) -> N
     write(app / "static/asset5.js", "// changed\n", T0 + 9)
     write(app / "#hash.txt", "v2\n", T0 + 1)
     write(app / ";semi/x.txt", "new\n", T0)
+    (app / "sealed").chmod(0o755)
+    write(app / "sealed/conf.txt", "v2\n", T0 + 5)
+    (app / "sealed").chmod(0o555)
     pin_dirs(app)
     app.chmod(0o750)  # the release directory itself takes the artifact's mode
     expected = tree(app)

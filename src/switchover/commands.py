@@ -413,7 +413,9 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
         # Every directory writable (as whoever runs this) so paths can be removed from and
         # written into it, and at time 0: rsync, which is sent every one, resets both, but
         # leaves a time that differs by less than a second alone (its --modify-window).
-        "find . -type d -exec chmod u+rwx {} + -exec touch -d @0 {} + 2>/dev/null ||"
+        # (chmod only for those that need it: usually none, and no chmod process then)
+        "find . -type d \\( -perm -u=rwx -o -exec chmod u+rwx {} + \\) -exec touch -d @0 {} +"
+        " 2>/dev/null ||"
         f" {{ cd / && {_empty_dir(staging)}; exit {RC_NO_CLONE}; }}",
         # Staging is made: let the lock go before the output. A link that stalls (rather
         # than drops) would keep this script blocked on writing its listing for as long as
@@ -430,9 +432,12 @@ def clone_release(layout: Layout, source: str, release: str, users: Iterable[str
 
 def _remove_dir(path: str) -> str:
     """Remove `path` or fail (exit 1): directories of a clone may be read-only, and rm -rf
-    cannot remove what is in them."""
-    return (f"{{ if [ -d {q(path)} ]; then find {q(path)} -type d -exec chmod u+rwx {{}} +"
-            f" 2>/dev/null; fi; rm -rf {q(path)}; }} || exit 1")
+    cannot remove what is in them. The usual case, begin's empty staging dir, costs one
+    `rmdir`; nothing there costs no process."""
+    p = q(path)
+    return (f"if [ -d {p} ] && [ ! -L {p} ]; then rmdir {p} 2>/dev/null ||"
+            f" {{ find {p} -type d -exec chmod u+rwx {{}} + 2>/dev/null; rm -rf {p}; }} ||"
+            f" exit 1; elif [ -e {p} ] || [ -L {p} ]; then rm -rf {p} || exit 1; fi")
 
 
 def _empty_dir(path: str) -> str:
