@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 from project import Project, local_target
@@ -141,6 +142,66 @@ def redeploy_is_exact(p: Project, host_user: tuple[int, int] | None = None) -> N
     p.ok("verify", "test")
 
 
+def spare_of_live(p: Project, host: str) -> Path:
+    """The spare clone the last deploy started making of the live release, once it is made
+    (it is built in the background after the deploy returns)."""
+    spare = p.root(host) / ".switchover" / "spare" / str(p.current(host))
+    deadline = time.monotonic() + 30
+    while not spare.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spare.is_dir(), f"{host}: no spare clone of the live release"
+    return spare
+
+
+def test_the_next_deploy_starts_from_the_spare_and_still_sees_drift(project: Project):
+    app = project.app
+    shutil.rmtree(app)
+    write(app / "index.html", "v1\n", T0)
+    write(app / "edited.txt", "as uploaded\n", T0)  # edited in place by hand: size changes
+    write(app / "deleted.txt", "kept\n", T0)  # deleted by hand after the spare was made
+    write(app / "chmodded.txt", "same\n", T0)  # chmod-ed by hand: the spare shares the inode
+    write(app / "sub/deep.txt", "deep\n", T0)
+    pin_dirs(app)
+    project.ok("deploy", "test")
+    hosts = project.target.hosts
+    for h in hosts:
+        spare = spare_of_live(project, h)
+        live = release_dir(project, h, project.current(h))
+        assert (spare / "sub/deep.txt").stat().st_ino == (live / "sub/deep.txt").stat().st_ino
+        with (live / "edited.txt").open("a") as f:  # the same inode: the spare has it too
+            f.write("hotfix\n")
+        (live / "deleted.txt").unlink()  # the spare still has it
+        (live / "chmodded.txt").chmod(0o600)
+        (live / "stray.txt").write_text("left by hand\n")  # the spare lacks it
+    before = {h: tree(release_dir(project, h, project.current(h))) for h in hosts}
+    first = {h: project.current(h) for h in hosts}
+    write(app / "index.html", "v2\n", T0 + 60)
+    write(app / "sub/new.txt", "new\n", T0)
+    pin_dirs(app)
+    expected = tree(app)
+    r = project.ok("-vv", "deploy", "test")
+    assert r.stderr.count("(from the spare made after the last deploy)") == len(hosts)
+    for h in hosts:
+        new = project.current(h)
+        assert tree(release_dir(project, h, new)) == expected, h
+        assert tree(release_dir(project, h, first[h])) == before[h], h  # untouched
+        assert not (project.root(h) / ".switchover" / "spare" / first[h]).exists()
+        spare_of_live(project, h)  # and one is made of the new live release
+    project.ok("verify", "test")
+
+
+def test_a_spare_changed_since_it_was_made_is_not_patched(tmp_path: Path):
+    p = Project(tmp_path / "proj", local_target(tmp_path))
+    p.ok("deploy", "test")
+    spare = spare_of_live(p, "localhost")
+    os.utime(spare / "static", (T0, T0))  # a directory no longer at time 0
+    (p.app / "index.html").write_text("v2, a different size\n")
+    r = p.ok("-vv", "deploy", "test")
+    assert "the clone cannot be listed faithfully (a directory of the clone was changed" \
+        in r.stderr
+    assert tree(release_dir(p, "localhost", p.current())) == tree(p.app)
+
+
 def test_a_host_without_gnu_find_gets_the_whole_tree(tmp_path: Path):
     # BusyBox find has no -printf: the upload falls back to rsync of the whole tree.
     p = Project(tmp_path / "proj", local_target(tmp_path))
@@ -176,6 +237,7 @@ def test_a_clone_that_fails_halfway_is_removed_before_the_whole_tree_is_synced(t
     p = Project(tmp_path / "proj", local_target(tmp_path))
     mode_only = p.app / "static" / "asset4.js"
     p.ok("deploy", "test")
+    shutil.rmtree(spare_of_live(p, "localhost"))  # so that this deploy clones with `cp`
     first = p.current()
     live = release_dir(p, "localhost", first)
     before = tree(live)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import string
 import subprocess
 import tempfile
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switchover import commands as C
-from switchover.clonepatch import parse_listing
+from switchover.clonepatch import check_reset, parse_listing
 from switchover.hostops import parse_state
 from switchover.layout import Layout
 from switchover.manage import last_deploy
@@ -641,3 +642,122 @@ def test_a_clone_works_for_a_user_that_is_not_root_with_read_only_directories():
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _spare_built(lay: Layout, release: str) -> Path:
+    """Start build_spare for `release` and wait (bounded) for it to finish."""
+    assert sh(C.build_spare(lay, release)).returncode == 0
+    spare = Path(lay.spare(release))
+    _wait_for(spare)
+    return spare
+
+
+def test_a_spare_is_a_hard_linked_clone_of_the_release_with_its_directories_reset(tmp_path):
+    lay, live, _ = _live_and_new(tmp_path)
+    src = Path(lay.release(live))
+    (src / "static" / "js").mkdir(parents=True)
+    (src / "static" / "js" / "a.js").write_text("js")
+    (src / "link").symlink_to("index.html")
+    (src / "sealed").mkdir()
+    (src / "sealed").chmod(0o555)
+    os.utime(src / "static", (1_700_000_000, 1_700_000_000))
+    spare_root = Path(lay.spare_root)
+    spare_root.mkdir(parents=True)
+    (spare_root / "20251231_000000").mkdir()  # a spare of an earlier release
+    (spare_root / f"{live}.tmp").mkdir()  # a build that was cut off
+    (spare_root / f"{live}.tmp" / "half").write_text("")
+    spare = _spare_built(lay, live)
+    assert sorted(os.listdir(spare_root)) == [live]  # only the whole one is left
+    assert (spare / "index.html").stat().st_ino == (src / "index.html").stat().st_ino
+    assert (spare / "static/js/a.js").stat().st_ino == (src / "static/js/a.js").stat().st_ino
+    assert os.readlink(spare / "link") == "index.html"
+    for d in ("static", "static/js", "sealed"):
+        st = (spare / d).stat()
+        assert st.st_mtime == 0 and st.st_mode & 0o700 == 0o700, d
+    # the live release itself is untouched
+    assert (src / "static").stat().st_mtime == 1_700_000_000
+    assert stat.S_IMODE((src / "sealed").stat().st_mode) == 0o555
+
+
+def test_a_clone_starts_from_the_spare_and_lists_it(tmp_path):
+    lay, live, new = _live_and_new(tmp_path)
+    src = Path(lay.release(live))
+    (src / "sub").mkdir()
+    (src / "sub" / "b.txt").write_text("b")
+    spare = _spare_built(lay, live)
+    spare_ino = spare.stat().st_ino
+    Path(lay.staging(new)).mkdir(parents=True)  # as begin leaves it
+    r = sh(C.clone_release(lay, str(src), new, spare=lay.spare(live)))
+    assert r.returncode == 0, r.stderr
+    head, _, data = r.stdout.partition(C.SECTION + "listing\n")
+    assert C.parse_sections(head)["clone"] == ["spare"]
+    staging = Path(lay.staging(new))
+    assert staging.stat().st_ino == spare_ino and not spare.exists()  # moved, not copied
+    listed = parse_listing(data)
+    assert sorted(listed) == ["index.html", "sub", "sub/b.txt"]
+    check_reset(listed)  # the directories as a fresh clone leaves them
+    assert (staging / "sub/b.txt").stat().st_ino == (src / "sub/b.txt").stat().st_ino
+
+
+def test_a_spare_still_being_made_or_of_another_release_is_not_taken(tmp_path):
+    lay, live, new = _live_and_new(tmp_path)
+    src = Path(lay.release(live))
+    spare = _spare_built(lay, live)
+    Path(lay.staging(new)).mkdir(parents=True)
+    # A builder holding the spare lock: the clone copies instead of waiting.
+    holder = subprocess.Popen(["flock", "-o", lay.spare_root, "sleep", "30"])
+    try:
+        _wait_until_locked(lay.spare_root)
+        r = sh(C.clone_release(lay, str(src), new, spare=lay.spare(live)))
+        assert r.returncode == 0, r.stderr
+        assert _clone_kind(r.stdout) == "copy"
+        assert spare.is_dir()  # left for a later deploy
+    finally:
+        holder.kill()
+        holder.wait()
+    # Only the live release's own spare is taken: here there is one of another release
+    other = Path(lay.spare("20251231_000000"))
+    spare.rename(other)
+    r = sh(C.clone_release(lay, str(src), "20260103_000000", spare=lay.spare(live)))
+    assert r.returncode == 0 and _clone_kind(r.stdout) == "copy"
+    assert other.is_dir()
+
+
+def _clone_kind(out: str) -> str:
+    (kind,) = C.parse_sections(out.partition(C.SECTION + "listing\n")[0])["clone"]
+    return kind
+
+
+def _wait_until_locked(path: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if subprocess.run(["flock", "-n", path, "true"]).returncode != 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} was never locked")
+
+
+def test_a_spare_build_gives_up_at_once_while_another_holds_the_lock(tmp_path):
+    lay, live, _ = _live_and_new(tmp_path)
+    Path(lay.spare_root).mkdir(parents=True)
+    holder = subprocess.Popen(["flock", "-o", lay.spare_root, "sleep", "30"])
+    try:
+        _wait_until_locked(lay.spare_root)
+        r = sh(C.spare_script(lay, live))  # what the detached builder runs: returns at once
+        assert r.returncode == 0 and not os.listdir(lay.spare_root)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sh(C.spare_script(lay, live)).returncode == 0  # the lock free: built
+    assert os.listdir(lay.spare_root) == [live]
+
+
+def test_a_spare_is_not_built_where_the_host_cannot_clone(tmp_path):
+    lay, live, _ = _live_and_new(tmp_path)
+    bare = tmp_path / "bin"  # a find without -printf (BusyBox)
+    bare.mkdir()
+    (bare / "find").write_text("#!/bin/sh\nexit 1\n")
+    (bare / "find").chmod(0o755)
+    r = subprocess.run(["sh", "-c", C.spare_script(lay, live)], capture_output=True, text=True,
+                       env={"PATH": f"{bare}:/usr/bin:/bin"}, timeout=30)
+    assert r.returncode == 0 and not Path(lay.spare_root).exists()

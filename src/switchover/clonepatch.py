@@ -155,6 +155,15 @@ def parse_listing(text: str) -> dict[str, Node]:
     return out
 
 
+def check_reset(remote: Mapping[str, Node]) -> None:
+    """Every directory of a clone must be writable by its user and at time 0, as the clone
+    script leaves them (commands._RESET_DIRS): rsync then sets each one's mode and time. A
+    spare clone changed by hand since it was made would not be; it is not patched."""
+    for path, n in remote.items():
+        if n.kind == "d" and (n.mode & 0o700 != 0o700 or n.mtime_ns != 0):
+            raise Unlistable(f"a directory of the clone was changed since it was made: {path!r}")
+
+
 def _ns(stamp: str) -> int:
     """find's %T@ ("1732871234.1234567890") as nanoseconds."""
     sec, _, frac = stamp.partition(".")

@@ -558,7 +558,8 @@ class Deployer:
         if run.pruned:
             entries.append(self._entry("cleanup", run, message="removed " + " ".join(run.pruned),
                                        removed=run.pruned))
-        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id)
+        run.ops.prune_and_record(run.pruned, entries, unlock=self.ctx.deploy_id,
+                                 spare=self.release)
         run.locked = False
 
     def _unlock_all(self) -> None:

@@ -351,8 +351,9 @@ class HostOps:
                       plans: clonepatch.PlanCache | None) -> SyncStats | None:
         """Clone `source` into staging, patch it into the tree; None: upload it whole."""
         users, groups = clonepatch.names(listing)
+        spare = self.layout.spare(posixpath.basename(source.rstrip("/")))
         try:
-            r = self.run(C.clone_release(self.layout, source, release, users, groups))
+            r = self.run(C.clone_release(self.layout, source, release, users, groups, spare))
             if r.rc == C.RC_NO_CLONE:
                 why = r.stderr.strip() or "no GNU find or cp on the host"
                 self._trace(f"# cannot clone the live release ({why}): the whole tree is "
@@ -360,12 +361,16 @@ class HostOps:
                 return self._unclone(release)
             self._must(r, "cloning the live release")
             head, marker, data = r.stdout.partition(C.SECTION + "listing\n")
-            ids = C.parse_sections(head).get("ids")
+            sections = C.parse_sections(head)
+            ids = sections.get("ids")
+            made = "from the spare made after the last deploy" if sections.get("clone") == [
+                "spare"] else "copied now"
 
             def make() -> clonepatch.Patch:
                 if not marker:
                     raise clonepatch.Unlistable("no listing in the output")
                 remote = clonepatch.parse_listing(data)
+                clonepatch.check_reset(remote)
                 owners = clonepatch.parse_ids(ids, users, groups) if ids is not None else None
                 return clonepatch.plan(listing, remote, live_files, scanned, owners)
 
@@ -373,8 +378,8 @@ class HostOps:
             key = (id(live_files), tuple(ids) if ids is not None else None, data)
             patch = plans.get(key, make) if plans is not None else make()
             self._trace(f"# sync {tree}/ -> {self.layout.staging(release)}/ as a clone of "
-                        f"{source}: {len(patch.remove)} path(s) removed, {len(patch.send)} "
-                        "sent (every directory, and the files that differ)")
+                        f"{source} ({made}): {len(patch.remove)} path(s) removed, "
+                        f"{len(patch.send)} sent (every directory, and the files that differ)")
             if patch.remove:
                 paths = b"".join(p.encode() + b"\0" for p in patch.remove)
                 self._must(self.run(C.remove_paths(self.layout, release), input=paths),
@@ -500,10 +505,11 @@ class HostOps:
             self._must(self.run(C.remove_releases(self.layout, ids)), "removing releases")
 
     def prune_and_record(self, releases: Iterable[str], entries: Iterable[Mapping[str, Any]],
-                         unlock: str | None = None) -> None:
+                         unlock: str | None = None, spare: str | None = None) -> None:
         """After a good deploy, in one round trip: move pruned releases out of releases/
         (deleted in the background), append the history entries and, with `unlock` (our
-        deploy id), release the lock once they are written."""
+        deploy id), release the lock once they are written. `spare`: the live release, of
+        which a clone for the next deploy is then made in the background (build_spare)."""
         script = C.remove_releases(self.layout, list(releases), background=True)
         script += C.append_history(self.layout, self._clean(entries))
         if unlock is not None:
@@ -512,6 +518,8 @@ class HostOps:
             # Unlock only once the history is written; a failure leaves the lock to the
             # caller's own unlock (and the error to report).
             script = f"(\n{script}\n) || exit $?\n" + C.release_lock(self.layout, unlock)
+        if spare is not None:
+            script += "\n" + C.build_spare(self.layout, spare)
         self._must(self.run(script), "recording the deploy")
 
     def remove_staging(self, release: str) -> None:

@@ -77,5 +77,14 @@ class Layout:
         # Outside the release on purpose: never mistaken for (or served as) an app file.
         return self._join(".switchover", "manifests")
 
+    @property
+    def spare_root(self) -> str:
+        # A clone of the live release, made in the background after a deploy, for the next
+        # deploy's upload to start from (commands.build_spare).
+        return self._join(".switchover", "spare")
+
+    def spare(self, release: str) -> str:
+        return self._join(".switchover", "spare", release)
+
     def manifest(self, release: str) -> str:
         return self._join(".switchover", "manifests", release + ".json")
