@@ -11,7 +11,9 @@ For each fleet size N this starts N sshd hosts (tests/sshd_harness.py), then mea
 
 and counts SSH connections per host per deploy from the sshd logs. The redeploys and the
 floors are timed in rounds (one 1% change, then each of the three, in rotating order),
-so that both sides of the ratio see the same minutes of this shared machine. Run as root:
+so that both sides of the ratio see the same minutes of this shared machine; before each
+run the hosts' background work (pruned releases, the next spare clone) is let finish, as
+it would be on real hosts long before the next deploy. Run as root:
 
     python3 bench/fleet_bench.py [--hosts 1,10,50] [--files 2000] [--mb 50] [--repeat 3]
 """
@@ -68,6 +70,27 @@ def switchover(config: Path, *args: str) -> float:
     if r.returncode != 0:
         raise SystemExit(f"switchover {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
     return took
+
+
+def settle(fleet: SshFleet, deadline: float = 60) -> None:
+    """Wait until no host does switchover's background work: the delete of pruned releases
+    and the spare clone for the next deploy (commands.build_spare). On real hosts it runs on
+    each host's own CPU and disk, long before the next deploy; here every host shares this
+    machine's 2 cores and one disk with the client: a timed run, ours or the floor's, that
+    overlapped it would be slowed by it. Not timed; at most `deadline` seconds."""
+    end = time.monotonic() + deadline
+    for h in fleet.hosts:
+        meta = h.root / "sw" / ".switchover"
+        while time.monotonic() < end:
+            live = meta.parent / "current"
+            spare = meta / "spare" / os.path.basename(os.readlink(live)) if live.is_symlink() \
+                else None
+            trash = meta / "trash"
+            busy = (trash.is_dir() and any(trash.iterdir())) or (
+                spare is not None and not spare.is_dir())
+            if not busy:
+                break
+            time.sleep(0.05)
 
 
 def floor_once(fleet: SshFleet, app: Path, base: str, prev: str, new: str,
@@ -141,6 +164,7 @@ def bench(n: int, files: int, mb: int, repeat: int, work: Path) -> dict[str, flo
         for i in range(repeat):
             change(all_files, 0.01, i)
             for run in runs[i % 3:] + runs[:i % 3]:
+                settle(fleet)
                 run(i)
     return {
         "hosts": n,

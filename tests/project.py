@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,22 @@ class Project:
         rid = self.current(host)
         assert rid is not None
         return (self.root(host) / "releases" / rid / name).read_text()
+
+    def settle(self, seconds: float = 20) -> None:
+        """Wait (bounded) for the hosts' background work after a deploy: the spare clone of
+        the live release for the next deploy (commands.build_spare) and the delete of
+        pruned releases. Before a test compares whole host trees."""
+        deadline = time.monotonic() + seconds
+        for h in self.target.hosts:
+            meta = self.root(h) / ".switchover"
+            live = self.current(h)
+            while time.monotonic() < deadline:
+                trash = meta / "trash"
+                busy = (trash.is_dir() and any(trash.iterdir())) or (
+                    live is not None and not (meta / "spare" / live).is_dir())
+                if not busy:
+                    break
+                time.sleep(0.02)
 
     def locked(self, host: str | None = None) -> bool:
         return (self.root(host) / ".switchover" / "lock").exists()

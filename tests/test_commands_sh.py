@@ -645,11 +645,28 @@ def test_a_clone_works_for_a_user_that_is_not_root_with_read_only_directories():
 
 
 def _spare_built(lay: Layout, release: str) -> Path:
-    """Start build_spare for `release` and wait (bounded) for it to finish."""
-    assert sh(C.build_spare(lay, release)).returncode == 0
+    """Start build_spare for `release` as a deploy's record step does, from a shell whose
+    parent (the deploy's connection) then ends, and wait (bounded) for the spare."""
+    r = sh(f"sh -c {C.q(C.build_spare(lay, release))}; true")
+    assert r.returncode == 0, r.stderr
     spare = Path(lay.spare(release))
     _wait_for(spare)
     return spare
+
+
+def test_a_spare_is_built_only_once_the_deploys_connection_has_ended(tmp_path):
+    lay, live, _ = _live_and_new(tmp_path)
+    # The record step's parent stands in for the connection: it lives until told to end.
+    go = tmp_path / "go"
+    conn = subprocess.Popen(["sh", "-c", f"sh -c {C.q(C.build_spare(lay, live))};"
+                                         f" while [ ! -e {go} ]; do sleep 0.05; done"])
+    try:
+        time.sleep(2.5)  # past the second a build waits after its connection ends
+        assert not Path(lay.spare(live)).exists()
+    finally:
+        go.touch()
+        conn.wait(timeout=30)
+    _wait_for(Path(lay.spare(live)))
 
 
 def test_a_spare_is_a_hard_linked_clone_of_the_release_with_its_directories_reset(tmp_path):

@@ -41,6 +41,7 @@ def tree(root: Path) -> dict[str, tuple[Any, ...]]:
 
 
 def snapshot(project: Project) -> dict[str, dict[str, tuple[Any, ...]]]:
+    project.settle()  # the last deploy's background work is not the dry run's doing
     return {h: tree(project.root(h)) for h in project.target.hosts}
 
 
