@@ -197,8 +197,8 @@ def test_a_spare_changed_since_it_was_made_is_not_patched(tmp_path: Path):
     os.utime(spare / "static", (T0, T0))  # a directory no longer at time 0
     (p.app / "index.html").write_text("v2, a different size\n")
     r = p.ok("-vv", "deploy", "test")
-    assert "the clone cannot be listed faithfully (a directory of the clone was changed" \
-        in r.stderr
+    assert "the clone cannot be listed faithfully (a directory of the clone is not as the" \
+        " clone script leaves it" in r.stderr
     assert tree(release_dir(p, "localhost", p.current())) == tree(p.app)
 
 

@@ -778,3 +778,42 @@ def test_a_spare_is_not_built_where_the_host_cannot_clone(tmp_path):
     r = subprocess.run(["sh", "-c", C.spare_script(lay, live)], capture_output=True, text=True,
                        env={"PATH": f"{bare}:/usr/bin:/bin"}, timeout=30)
     assert r.returncode == 0 and not Path(lay.spare_root).exists()
+
+
+def test_pruning_a_release_removes_its_spare_clone(tmp_path):
+    lay, live, _ = _live_and_new(tmp_path)
+    old = "20251231_000000"
+    make_release(lay, old, "v0")
+    spare = Path(lay.spare(old))  # a spare of a release since rolled back from
+    (spare / "sub").mkdir(parents=True)
+    (spare / "sub" / "f").write_text("x")
+    assert sh(C.remove_releases(lay, [old], background=True)).returncode == 0
+    assert not spare.exists() and not Path(lay.release(old)).exists()
+    make_release(lay, old, "v0")
+    spare.mkdir(parents=True)
+    assert sh(C.remove_releases(lay, [old])).returncode == 0
+    assert not spare.exists() and not Path(lay.release(old)).exists()
+    assert Path(lay.release(live)).is_dir()
+
+
+def test_the_record_step_still_fails_when_the_unlock_fails(tmp_path, monkeypatch):
+    """The spare build is the record script's last command: it must not hide a lock left
+    behind (the client would think it unlocked)."""
+    from switchover.hostops import HostOps
+    from switchover.hosts import HostSpec
+    from switchover.transport.local import LocalTransport
+
+    lay, live, _ = _live_and_new(tmp_path)
+    owner = {"deploy_id": "d1", "user": "me"}
+    assert sh(C.acquire(lay, owner)).returncode == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "rm").write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in */lock) exit 1;; esac;'
+                             ' done\nexec /bin/rm "$@"\n')
+    (fake / "rm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    ops = HostOps(HostSpec("localhost"), LocalTransport(), lay, timeout=30)
+    with pytest.raises(Exception, match="recording the deploy"):
+        ops.prune_and_record([], [{"event": "deploy_succeeded", "release": live}],
+                             unlock="d1", spare=live)
+    assert Path(lay.lock).is_dir()

@@ -60,10 +60,12 @@ def test_the_remote_shells_failure_is_reported_as_rsync_would(tmp_path):
 
 
 def test_rsh_status_folds_the_shells_exit_into_rsyncs():
-    line = f"{RSH_EXIT}255\n"
+    line = f"\n{RSH_EXIT}255\n"  # as the wrapper prints it
     assert rsh_status(0, "") == (0, "")
     assert rsh_status(23, "partial\n") == (23, "partial\n")
     assert rsh_status(12, f"closed\n{line}") == (255, "closed\n")
-    assert rsh_status(0, f"{RSH_EXIT}127\n") == (127, "")  # rsync's own code was 0
-    assert rsh_status(30, f"{RSH_EXIT}1\n") == (30, "")  # its own is the larger
-    assert rsh_status(1, f"{RSH_EXIT}x\n") == (1, f"{RSH_EXIT}x\n")  # not ours: kept
+    assert rsh_status(12, f"no newline{line}") == (255, "no newline")
+    assert rsh_status(0, f"\n{RSH_EXIT}127\n") == (127, "")  # rsync's own code was 0
+    assert rsh_status(30, f"\n{RSH_EXIT}1\n") == (30, "")  # its own is the larger
+    assert rsh_status(-9, line) == (-9, "")  # killed by us: stays killed, not retried
+    assert rsh_status(1, f"\n{RSH_EXIT}x\n") == (1, f"\n{RSH_EXIT}x\n")  # not ours

@@ -158,10 +158,12 @@ def parse_listing(text: str) -> dict[str, Node]:
 def check_reset(remote: Mapping[str, Node]) -> None:
     """Every directory of a clone must be writable by its user and at time 0, as the clone
     script leaves them (commands._RESET_DIRS): rsync then sets each one's mode and time. A
-    spare clone changed by hand since it was made would not be; it is not patched."""
+    spare clone changed by hand since it was made would not be: such a clone is not patched
+    (the whole tree is sent)."""
     for path, n in remote.items():
         if n.kind == "d" and (n.mode & 0o700 != 0o700 or n.mtime_ns != 0):
-            raise Unlistable(f"a directory of the clone was changed since it was made: {path!r}")
+            raise Unlistable("a directory of the clone is not as the clone script leaves it"
+                             f" (writable, at time 0): {path!r}")
 
 
 def _ns(stamp: str) -> int:

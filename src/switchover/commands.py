@@ -444,7 +444,9 @@ _RESET_DIRS = ("find . -type d \\( -perm -u=rwx -o -exec chmod u+rwx {} + \\)"
 def _take_spare(layout: Layout, spare: str, staging: str) -> str:
     """Move a spare clone into staging (sets c=spare) if one is there and its lock is free:
     a builder that still holds it is not done."""
-    return (f"if [ -d {q(spare)} ] && {{ command exec 8<{q(layout.spare_root)}; }} 2>/dev/null;"
+    root = q(layout.spare_root)
+    return (f"if [ -d {q(spare)} ] && [ ! -L {q(spare)} ] && [ ! -L {root} ] &&"
+            f" {{ command exec 8<{root}; }} 2>/dev/null;"
             f" then if flock -n 8 2>/dev/null && [ -d {q(spare)} ] &&"
             f" mv {q(spare)} {q(staging)} 2>/dev/null; then c=spare; fi; exec 8<&-; fi")
 
@@ -456,18 +458,18 @@ def build_spare(layout: Layout, release: str) -> str:
     """Start making, in the background, a spare clone of `release` (now live) for the next
     deploy to start from (clone_release's `spare`), and remove any other spare.
 
-    Detached like the trash delete (stdio to /dev/null, nice 19: it competes with nothing),
-    under a lock (flock on the spare dir) that a deploy taking the spare tests without
-    waiting. Made under a temporary name and renamed when whole, so a cut-off build is
-    never taken: the next build removes it. Quietly nothing where a clone cannot be made
-    (no flock, no GNU find, `cp -l` refused). Costs directory inodes only: files are hard
-    links to the live release's, and the next deploy's clone would have made the same.
+    Detached like the trash delete (stdio to /dev/null, nice 19), under a lock (flock on
+    the spare dir) that a deploy taking the spare tests without waiting. Made under a
+    temporary name and renamed when whole, so a cut-off build is never taken: the next
+    build removes it. Quietly nothing where a clone cannot be made (no flock, no GNU find,
+    `cp -l` refused). It costs the directories' inodes and blocks (the files are hard links
+    to the live release's); pruning a release removes its spare too.
     """
-    # SCHED_IDLE where chrt exists: it runs only on CPU nothing else wants (the app), and if
-    # that starves it the next deploy just copies. $PPID: what runs this script (sshd for
-    # the connection, or switchover itself): the build waits for it to end.
-    return ("if command -v chrt >/dev/null 2>&1; then I='chrt -i 0'; else I=; fi;"
-            f" (cd / && nohup $I nice -n 19 sh -c {q(spare_script(layout, release))} sh"
+    # $PPID: what runs this script (sshd for the connection, or switchover itself): the
+    # build waits for it to end. nice 19, as the trash delete, not SCHED_IDLE: that also
+    # puts it in the idle I/O class, where a busy disk can starve it, and its flock and its
+    # links to pruned releases' files with it.
+    return (f"(cd / && nohup nice -n 19 sh -c {q(spare_script(layout, release))} sh"
             ' "$PPID" </dev/null >/dev/null 2>&1 &)')
 
 
@@ -489,16 +491,16 @@ def spare_script(layout: Layout, release: str) -> str:
         "sleep 1",
         "command -v flock >/dev/null 2>&1 || exit 0",
         f"find {src} -maxdepth 0 -printf '' >/dev/null 2>&1 || exit 0",
+        f"[ -L {root} ] && exit 0",  # not ours: never follow it
         f"[ -d {root} ] || mkdir -p {root} || exit 0",
         f"{{ command exec 9<{root}; }} 2>/dev/null || exit 0",
         "flock -n 9 2>/dev/null || exit 0",
-        f'for f in {root}/*; do [ "$f" = {spare} ] && continue;'
-        f' if [ -e "$f" ] || [ -L "$f" ]; then find "$f" -type d -exec chmod u+rwx {{}} +'
-        ' 2>/dev/null; rm -rf "$f"; fi; done',
+        'rmtree() { find "$1" -type d -exec chmod u+rwx {} + 2>/dev/null; rm -rf "$1"; }',
+        f'for f in {root}/*; do [ "$f" = {spare} ] && [ ! -L "$f" ] && continue;'
+        ' if [ -e "$f" ] || [ -L "$f" ]; then rmtree "$f"; fi; done',
         f"[ -d {spare} ] && exit 0",
         f"cp -PRl {src} {tmp} && cd {tmp} && {_RESET_DIRS} 2>/dev/null && cd / &&"
-        f" mv {tmp} {spare} || {{ cd /; find {tmp} -type d -exec chmod u+rwx {{}} +"
-        f" 2>/dev/null; rm -rf {tmp}; }}",
+        f" mv {tmp} {spare} || {{ cd /; rmtree {tmp}; }}",
         "exit 0",
     )
 
@@ -626,7 +628,8 @@ def run_in_release(
 
 
 def remove_releases(layout: Layout, releases: Iterable[str], background: bool = False) -> str:
-    """Delete releases (and their manifests, which go with them and only with them).
+    """Delete releases (and their manifests, which go with them and only with them, and
+    their spare clones if any, see build_spare).
 
     `background`: rename each into .switchover/trash/ (one rename, so it leaves releases/ at
     once) and delete the trash in a detached process: a deploy does not wait for thousands
@@ -637,10 +640,15 @@ def remove_releases(layout: Layout, releases: Iterable[str], background: bool = 
     if not releases:
         return ""
     if not background:
-        return _lines(*(f"rm -rf {q(d.release(r))} {q(d.manifest(r))}" for r in releases))
+        return _lines(*(f"rm -rf {q(d.release(r))} {q(d.manifest(r))};"
+                        f" if [ ! -L {q(d.spare_root)} ]; then rm -rf {q(d.spare(r))}; fi"
+                        for r in releases))
     moves = [
         f"if [ -e {q(d.release(r))} ]; then mv {q(d.release(r))} {q(d.trash)}/{q(r)}.$$; fi;"
-        f" rm -f {q(d.manifest(r))}"
+        f" rm -f {q(d.manifest(r))};"
+        # Its spare (a release rolled back from) would keep its files on disk
+        f" if [ -d {q(d.spare(r))} ] && [ ! -L {q(d.spare_root)} ]; then"
+        f" mv {q(d.spare(r))} {q(d.trash)}/{q(r)}.spare.$$; fi"
         for r in releases
     ]
     return _lines(f"[ -d {q(d.trash)} ] || mkdir -p {q(d.trash)}", *moves, _empty_trash(layout))

@@ -213,9 +213,13 @@ class Deployer:
         if digest is None:
             return None
         with self._memo_lock:
-            if digest not in self._live_manifests:
-                self._live_manifests[digest] = sentmanifests.load(digest)
-            return self._live_manifests[digest]
+            if digest in self._live_manifests:
+                return self._live_manifests[digest]
+        # Read outside the lock: hosts arriving (_arrive) must not wait for it. Two readers
+        # of one digest read the same file; the first one kept is used by all.
+        files = sentmanifests.load(digest)
+        with self._memo_lock:
+            return self._live_manifests.setdefault(digest, files)
 
     def _listing(self) -> dict[str, clonepatch.Node] | None:
         """The artifact's full listing for clone uploads, made once for every host (begun

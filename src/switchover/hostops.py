@@ -518,8 +518,8 @@ class HostOps:
             # Unlock only once the history is written; a failure leaves the lock to the
             # caller's own unlock (and the error to report).
             script = f"(\n{script}\n) || exit $?\n" + C.release_lock(self.layout, unlock)
-        if spare is not None:
-            script += "\n" + C.build_spare(self.layout, spare)
+        if spare is not None:  # after the unlock, whose status stays the script's
+            script += f"\nrc=$?\n{C.build_spare(self.layout, spare)}\nexit $rc"
         self._must(self.run(script), "recording the deploy")
 
     def remove_staging(self, release: str) -> None:

@@ -280,29 +280,33 @@ def unwaited_rsh(ssh: Sequence[str]) -> str:
     always exits a moment after rsync's first look: ~20 ms of every upload went there
     (median 62 -> 42 ms for a 3-file rsync over a master). ssh's exit status, which rsync
     would have folded into its own, comes back as a line on stderr (see rsh_status); we
-    still read stderr to its end, that is until ssh has exited. Quoting: rsync splits the
+    still read stderr to its end, that is until ssh has exited (so not where rsync's stderr
+    goes to a file read when rsync exits: the progress path). Quoting: rsync splits the
     command on spaces and honours quotes as sh does for shlex.quote's output.
     """
     command = " ".join(shlex.quote(a) for a in ssh)
+    # (The line starts with a newline: rsync's last message may not end with one.)
     script = (f'exec 3<&0; {{ {command} "$@" <&3 3<&-; r=$?; [ "$r" -eq 0 ] ||'
-              f" echo {shlex.quote(RSH_EXIT)}\"$r\" >&2; }} & exit 0")
+              f" printf '\\n%s%s\\n' {shlex.quote(RSH_EXIT)} \"$r\" >&2; }} & exit 0")
     return " ".join(shlex.quote(a) for a in ("sh", "-c", script, "sh"))
+
+
+_RSH_EXIT_LINE = re.compile("\n" + re.escape(RSH_EXIT) + r"([0-9]+)\n")
 
 
 def rsh_status(rc: int, stderr: str) -> tuple[int, str]:
     """rsync's exit code as it would have been with ssh its own child (see unwaited_rsh),
     and stderr without our line: rsync takes the remote shell's status when its own is 0,
-    and the larger of the two when it fails (its cleanup)."""
+    and the larger of the two when it fails (its cleanup). An rsync killed by a signal
+    (ours, at a timeout or an abort) stays killed."""
     child = 0
-    kept = []
-    for line in stderr.splitlines(keepends=True):
-        if line.startswith(RSH_EXIT) and line[len(RSH_EXIT):].strip().isdigit():
-            child = int(line[len(RSH_EXIT):])
-        else:
-            kept.append(line)
-    if child:
+    m = _RSH_EXIT_LINE.search(stderr)
+    if m:
+        child = int(m.group(1))
+        stderr = stderr[:m.start()] + stderr[m.end():]
+    if child and rc >= 0:
         rc = child if rc == 0 else max(rc, child)
-    return rc, "".join(kept)
+    return rc, stderr
 
 
 def rsync_args(src: Path, link_dest: str | None, exclude: Sequence[str],

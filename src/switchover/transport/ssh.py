@@ -331,10 +331,13 @@ class SshTransport:
     ) -> SyncStats:
         self._ensure_master()  # rsync runs over it; it cannot open it itself
         # -s (protect args): the remote path reaches rsync verbatim, not re-split by a shell.
+        # With progress, rsync's stderr goes to a file read as soon as rsync exits: ssh's
+        # late status line would be missed there, so that rsync waits for ssh as usual.
+        streamed = progress is not None and only is None
         argv = [
             *rsync_args(src, link_dest, exclude, checksum, only is not None),
             "-s",
-            "-e", unwaited_rsh(self._command_args()),
+            "-e", self.rsh() if streamed else unwaited_rsh(self._command_args()),
             f"{self.host.destination}:{dest.rstrip('/')}/",
         ]
         cp = run_rsync(argv, timeout=timeout, host=self.host.name, what='upload',
