@@ -486,8 +486,9 @@ def spare_script(layout: Layout, release: str) -> str:
     root, src, spare = q(layout.spare_root), q(layout.release(release)), q(layout.spare(release))
     tmp = q(layout.spare(release) + ".tmp")
     return _lines(
-        f'case "$1" in [1-9]*) timeout {SPARE_WAIT} tail --pid="$1" -s 0.1 -f /dev/null'
-        " >/dev/null 2>&1;; esac",
+        # (Not init, nor anything but a number: then nothing to wait for.)
+        f'case "$1" in ""|1|*[!0-9]*) ;; *) timeout {SPARE_WAIT} tail --pid="$1" -s 0.1'
+        " -f /dev/null >/dev/null 2>&1;; esac",
         "sleep 1",
         "command -v flock >/dev/null 2>&1 || exit 0",
         f"find {src} -maxdepth 0 -printf '' >/dev/null 2>&1 || exit 0",
