@@ -59,22 +59,22 @@ def load(digest: str | None) -> dict[str, dict[str, Any]] | None:
 
 def newest() -> str | None:
     """The digest of the copy stored or loaded last (the likeliest live one), if any."""
-    best: tuple[float, str] | None = None
-    with contextlib.suppress(OSError):
-        for p in _dir().glob("*.json"):
+    copies = _newest_first(_dir())
+    return copies[0].stem if copies else None
+
+
+def _newest_first(directory: Path) -> list[Path]:
+    """The copies, by last use (store writes, load touches), newest first."""
+    entries = []
+    with contextlib.suppress(OSError):  # no cache dir yet
+        for p in directory.glob("*.json"):
             with contextlib.suppress(OSError):
-                t = p.stat().st_mtime
-                if best is None or t > best[0]:
-                    best = (t, p.stem)
-    return best[1] if best else None
+                entries.append((p.stat().st_mtime, p))
+    entries.sort(reverse=True)
+    return [p for _, p in entries]
 
 
 def _prune(directory: Path) -> None:
-    entries = []
-    for p in directory.glob("*.json"):
-        with contextlib.suppress(OSError):
-            entries.append((p.stat().st_mtime, p))
-    entries.sort(reverse=True)
-    for _, p in entries[KEEP:]:
+    for p in _newest_first(directory)[KEEP:]:
         with contextlib.suppress(OSError):
             p.unlink()
