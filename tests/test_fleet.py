@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
 import pytest
 from faults.kit import Client
 from project import Project, ssh_target
-from sshd_harness import _descendants
+from sshd_harness import _descendants, _signal
 
 HOSTS = 5
 
@@ -137,15 +136,13 @@ def test_hanging_host_is_cut_off_by_its_timeout(fp: Project, fleet5):
     # freeze web4's sshd (inside its namespace): TCP still connects, nothing ever answers
     frozen = _descendants(fleet5["web4"].pid)
     assert frozen
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    _signal(frozen, signal.SIGSTOP)  # a just-ended process in the listing needs nothing
     try:
         t0 = time.monotonic()
         r = fp.run("deploy", "test", "--timeout", "3", timeout=90)
         took = time.monotonic() - t0
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        _signal(frozen, signal.SIGCONT)
     assert r.returncode == 3, r.stderr
     assert "web4" in r.stderr
     assert took < 60  # bounded by the per-step timeout, not by TCP or ssh defaults

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from faults.kit import masters
 from project import Project, ssh_target
-from sshd_harness import _descendants
+from sshd_harness import _descendants, _signal
 
 from switchover.errors import ConnectionLost, HostError, Interrupted
 from switchover.hosts import HostSpec
@@ -361,13 +361,13 @@ def frozen_host(ssh_fleet):
     host = ssh_fleet.hosts[2]
     frozen = _descendants(host.pid)
     assert frozen
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    # The listing can hold a process that is just ending (a previous deploy's detached
+    # spare build, a closing session): it is gone, not frozen, and needs nothing.
+    _signal(frozen, signal.SIGSTOP)
     try:
         yield host
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        _signal(frozen, signal.SIGCONT)
 
 
 def _waiting_command(t: SshTransport) -> tuple[threading.Thread, list[BaseException]]:
