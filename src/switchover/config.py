@@ -341,28 +341,70 @@ _TABLES: dict[str, type[msgspec.Struct]] = {
 }
 
 
+# Valid values for the required keys, put in place of a wrong one while the rest of its
+# table is checked (see _key_errors).
+_STAND_INS: dict[str, Any] = {
+    "app": "app", "environments": {"env": {"deploy_to": "/srv/app"}}, "deploy_to": "/srv/app",
+}
+
+
+def _top_key(where: str, prefix: str) -> str:
+    """The key of the table at `prefix` that an error at `where` is under ("" for the table)."""
+    rest = where.removeprefix(prefix).lstrip(".") if prefix else where
+    return "" if where == (prefix or "(top level)") else re.split(r"[.\[]", rest, maxsplit=1)[0]
+
+
+def _key_errors(value: Any, table: type[msgspec.Struct], prefix: str = "",
+                elsewhere: Callable[[str, str], bool] = lambda key, where: False,
+                ) -> list[tuple[str, str]]:
+    """The first error of every key of one table. msgspec stops at the first error, so the
+    key it names is set aside (dropped, or a required one given a valid stand-in) and the
+    table checked again. Errors `elsewhere(key, where)` says are reported by another check
+    are set aside without being listed."""
+    found: list[tuple[str, str]] = []
+    rest = dict(value) if isinstance(value, dict) else value
+    required = {f.name for f in msgspec.structs.fields(table) if f.required}
+    for _ in range(len(rest) + len(required) + 1 if isinstance(rest, dict) else 1):
+        try:
+            msgspec.convert(rest, table)
+            break
+        except msgspec.ValidationError as e:
+            where, what = _describe(e, prefix)
+        key = _top_key(where, prefix)
+        if not elsewhere(key, where):
+            found.append((where, what))
+        if not key or not isinstance(rest, dict):
+            break  # the table itself is wrong: nothing more to learn from it
+        if key in required:
+            rest[key] = _STAND_INS[key]
+        else:
+            rest.pop(key, None)
+    return found
+
+
 def _validate(path: Path, data: dict[str, Any]) -> FileConfig:
     try:
         return msgspec.convert(data, FileConfig)
     except msgspec.ValidationError as e:
         first = _describe(e)
-    # msgspec stops at the first error and names no table key ("environments[...]"):
-    # each table and each environment is checked on its own too, to report the first
-    # error of each (and of the top-level values) and to name the environment.
-    found: list[tuple[str, str]] = []
-    parts = [(key, data[key], table) for key, table in _TABLES.items() if key in data]
+    # Each table and each environment is checked on its own as well: that names the
+    # environment (msgspec says "environments[...]") and lists the first error of each key.
     envs = data.get("environments")
-    if isinstance(envs, dict):
-        parts += [(f"environments.{name}", value, EnvironmentConfig)
-                  for name, value in envs.items()]
-    for where, value, table in parts:
-        try:
-            msgspec.convert(value, table)
-        except msgspec.ValidationError as e:
-            found.append(_describe(e, where))
-    if first not in found and (not first[0].startswith("environments[") or not found):
-        found.insert(0, first)
-    return _fail(path, found)
+    named = isinstance(envs, dict)
+
+    def elsewhere(key: str, where: str) -> bool:
+        # an error under a table is one the table's own check lists (an error of a table
+        # is always under a key the file sets: no table is required)
+        return key in _TABLES or (key == "environments" and named and where != key)
+
+    found = _key_errors(data, FileConfig, elsewhere=elsewhere)
+    for key, table in _TABLES.items():
+        if key in data:
+            found += _key_errors(data[key], table, key)
+    if named:
+        for name, value in envs.items():
+            found += _key_errors(value, EnvironmentConfig, f"environments.{name}")
+    return _fail(path, found or [first])
 
 
 def _fail(path: Path, errors: Sequence[tuple[str, str]]) -> NoReturn:

@@ -1,8 +1,12 @@
 import textwrap
 from pathlib import Path
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from switchover import config
 from switchover.config import load_environment
 from switchover.errors import ConfigError, ExitCode
 
@@ -194,3 +198,89 @@ def test_each_table_reports_its_own_first_error(tmp_path):
         f"{p}: hooks.after_switch: Expected `array`, got `str`",
         f"{p}: environments.p.parallel: must be greater than or equal to 1",
     ]
+
+
+def test_every_wrong_key_gets_its_own_line(tmp_path):
+    # msgspec stops at the first error: each key it names is set aside and the rest checked
+    # again, at the top level, in each table and in each environment.
+    p = write(tmp_path, """
+        keep_releases = 0
+        parallel = "x"
+        typo = 1
+        batch_size = "0%"
+        [environments.p]
+        deploy_to = 5
+        parallel = 0
+        [environments.q]
+        [health]
+        timeout = 0
+        urls = ["ftp://x"]
+    """)
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "p")
+    assert sorted(str(exc.value).splitlines()) == sorted(f"{p}: {line}" for line in [
+        "keep_releases: must be greater than or equal to 1",
+        "parallel: Expected `int`, got `str`",
+        "typo: unknown key (a typo?)",
+        "app: required key is missing",
+        "batch_size: '0%' must be a positive number of hosts or a percentage like '25%'",
+        "health.timeout: must be greater than 0",
+        "health.urls: 'ftp://x' is not an http:// or https:// URL",
+        "environments.p.deploy_to: Expected `str`, got `int`",
+        "environments.p.parallel: must be greater than or equal to 1",
+        "environments.q.deploy_to: required key is missing",
+    ])
+
+
+def test_a_wrong_required_key_is_reported_once(tmp_path):
+    # a wrong app name is set aside with a stand-in, not dropped: no "missing" line follows
+    p = write(tmp_path, 'app = "bad name"\nenvironments = {}\n')
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "p")
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{p}: app: app name 'bad name'")
+    assert lines[1] == f"{p}: environments: at least one [environments.NAME] section is needed"
+    p = write(tmp_path, "environments = 3\ntimeout = true\n")
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "p")
+    assert sorted(str(exc.value).splitlines()) == sorted([
+        f"{p}: environments: Expected `table`, got `int`",
+        f"{p}: timeout: Expected `float`, got `bool`",
+        f"{p}: app: required key is missing",
+    ])
+
+
+def test_every_required_key_has_a_stand_in():
+    tables = [config.FileConfig, config.EnvironmentConfig, *config._TABLES.values()]
+    for table in tables:
+        for f in msgspec.structs.fields(table):
+            if f.required:
+                assert f.name in config._STAND_INS, (table, f.name)
+                msgspec.convert(config._STAND_INS[f.name], f.type)
+
+
+_KEYS = [*(f.name for f in msgspec.structs.fields(config.FileConfig)),
+         *(f.name for f in msgspec.structs.fields(config.EnvironmentConfig)), "typo"]
+_SCALARS = st.one_of(st.integers(-2, 3), st.booleans(), st.sampled_from(["", "x", "/srv/a"]),
+                     st.floats(-1, 2), st.lists(st.sampled_from(["h", "a b", "25%"]), max_size=2))
+_TABLES = st.dictionaries(st.sampled_from(_KEYS), _SCALARS, max_size=4)
+_FILES = st.builds(
+    lambda top, tables, envs: {**top, **tables, **({"environments": envs} if envs else {})},
+    st.dictionaries(st.sampled_from(_KEYS), _SCALARS, max_size=5),
+    st.dictionaries(st.sampled_from(list(config._TABLES)), st.one_of(_SCALARS, _TABLES),
+                    max_size=2),
+    st.one_of(st.none(), _SCALARS, st.dictionaries(st.sampled_from(["p", "q", "bad name"]),
+                                                   st.one_of(_SCALARS, _TABLES), max_size=3)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_FILES)
+def test_any_wrong_file_gives_a_config_error_with_a_line_per_key(data):
+    # whatever the TOML holds: a checked config or a ConfigError, never a crash, never empty
+    try:
+        config._validate(Path("f.toml"), data)
+    except ConfigError as e:
+        lines = str(e).splitlines()
+        assert lines and all(line.startswith("f.toml: ") for line in lines)
+        assert len(lines) == len(set(lines))
