@@ -165,14 +165,15 @@ class Deployer:
         self._plans = clonepatch.PlanCache()
         self._local_listing: dict[str, clonepatch.Node] | None = None
         self.cleaning_up = False  # set once a rollback or cleanup has begun
+        self.committed = False  # set once every host switched and passed its checks
         self.t0 = time.monotonic()
 
     # -- helpers -------------------------------------------------------------------------
 
     def _each(self, runs: Sequence[HostRun], fn: Any,
-              cancel: threading.Event | None = None) -> None:
+              cancel: threading.Event | None = None, *, run_all: bool = False) -> None:
         """Run fn(run) on every host in parallel, recording failures on the run. Ctrl-C
-        sets `cancel` (default: self.cancel)."""
+        sets `cancel` (default: self.cancel); with `run_all` every host still runs fn."""
         def timed(run: HostRun) -> Any:
             try:
                 return fn(run)
@@ -181,7 +182,7 @@ class Deployer:
 
         with self.out.ordered([r.name for r in runs]):
             outcomes = fan_out(runs, timed, self.env.parallel,
-                               self.cancel if cancel is None else cancel)
+                               self.cancel if cancel is None else cancel, run_all=run_all)
         for run, outcome in zip(runs, outcomes, strict=True):
             if outcome.error is not None:
                 run.fail(outcome.error)
@@ -605,6 +606,8 @@ class Deployer:
         except KeyboardInterrupt:
             if self.cleaning_up:
                 raise  # a second Ctrl-C during the rollback or cleanup: abort now
+            if self.committed:
+                return self._succeed()  # the release passed everywhere: nothing to undo
             # Ctrl-C between two phases (outside a fan-out): end as a fan-out would have.
             self.cancel.set()
             if any(r.switched for r in self.runs):
@@ -712,8 +715,19 @@ class Deployer:
             if self.cancel.is_set() or self._failed():
                 return self._roll_back_fleet(self._failed())
 
-        # 4. success
-        self._each(runs, self._finish)
+        # 4. success: every host switched and passed its checks. From here on Ctrl-C undoes
+        # nothing; the success is recorded on every host (a second Ctrl-C aborts that).
+        self.committed = True
+        return self._succeed()
+
+    def _succeed(self) -> DeployReport:
+        """Record the success, prune and unlock on every host, even after a Ctrl-C."""
+        self.cleaning_up = True  # a second Ctrl-C aborts the recording
+        runs = self.runs
+        self._each(runs, self._finish, run_all=True)
+        if self.cancel.is_set():
+            self.out.warn("interrupted after every host passed its checks: the release stays "
+                          "live, and its success was recorded")
         for r in runs:
             r.status = "succeeded"
             if r.error:  # the release is live and healthy; only bookkeeping failed

@@ -29,17 +29,20 @@ def fan_out(
     fn: Callable[[T], R],
     parallel: int,
     cancel: threading.Event | None = None,
+    *,
+    run_all: bool = False,
 ) -> list[Outcome[R]]:
     """Wait for every item (never stop at the first failure): the caller decides from the
     whole picture.
 
     On Ctrl-C with a cancel flag: the flag is set, running steps finish (workers stop at
     their next step boundary), and the results are returned; the caller checks the flag.
-    A second Ctrl-C while waiting propagates at once.
+    With `run_all` the items not yet started run all the same (a phase that must not stop
+    halfway). A second Ctrl-C while waiting propagates at once.
     """
 
     def guarded(item: T) -> Outcome[R]:
-        if cancel is not None and cancel.is_set():
+        if cancel is not None and cancel.is_set() and not run_all:
             return Outcome(error=Interrupted("interrupted"))
         try:
             return Outcome(value=fn(item))

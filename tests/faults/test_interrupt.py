@@ -101,3 +101,27 @@ def test_heartbeat_keeps_a_live_lock_and_a_silent_one_is_taken_over(sshp: Projec
         assert taken and taken[-1]["former_owner"]["origin"] == "another-machine"
         assert not p.locked(h)
     check_invariants(p)
+
+
+def test_sigint_after_every_check_passed_keeps_the_release_and_records_it(sshp: Project):
+    # Ctrl-C while the success is being recorded: the release is live and healthy on every
+    # host, so nothing is undone; the hosts not yet recorded are recorded all the same.
+    p = sshp
+    p.ok("deploy", "test")
+    (p.app / "index.html").write_text("v2\n")
+    first = p.target.hosts[0]
+    client = Client(p, "deploy", "test", "--parallel", "1", pause_at=f"before_finish@{first}",
+                    env={"SWITCHOVER_TEST_PAUSE_SECONDS": "1"})
+    client.wait_paused()
+    client.proc.send_signal(signal.SIGINT)
+    r = client.finish()
+    assert r.returncode == 0, r.stderr
+    assert "every host passed its checks" in r.stderr
+    release = p.current(first)
+    for h in p.target.hosts:
+        assert p.live_file("index.html", h) == "v2\n"
+        assert p.current(h) == release
+        assert p.events(h)[-1] == "deploy_succeeded", p.events(h)
+        assert "rolled_back" not in p.events(h)
+        assert not p.locked(h)
+    check_invariants(p)
