@@ -606,8 +606,9 @@ class Deployer:
         except KeyboardInterrupt:
             if self.cleaning_up:
                 raise  # a second Ctrl-C during the rollback or cleanup: abort now
-            if self.committed:
-                return self._succeed()  # the release passed everywhere: nothing to undo
+            if self.committed:  # the release passed everywhere: nothing to undo
+                self.cancel.set()
+                return self._succeed()
             # Ctrl-C between two phases (outside a fan-out): end as a fan-out would have.
             self.cancel.set()
             if any(r.switched for r in self.runs):
