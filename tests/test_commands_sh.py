@@ -817,3 +817,25 @@ def test_the_record_step_still_fails_when_the_unlock_fails(tmp_path, monkeypatch
         ops.prune_and_record([], [{"event": "deploy_succeeded", "release": live}],
                              unlock="d1", spare=live)
     assert Path(lay.lock).is_dir()
+
+
+def test_finalize_refuses_a_manifest_cut_short(tmp_path):
+    # The client or the link went away while sending the manifest: `cat` sees an early end
+    # and exits 0, so only the size tells. Nothing is published; the upload stays staged.
+    lay = Layout(str(tmp_path / "app"))
+    assert sh(C.make_layout(lay)).returncode == 0
+    rid = "20260101_000000"
+    Path(lay.staging(rid)).mkdir(parents=True)
+    Path(lay.staging(rid), "index.html").write_text("x")
+    manifest = b'{"release": "20260101_000000", "files": {}}\n'
+    script = C.finalize(lay, rid, [], [], manifest_size=len(manifest))
+    cut = subprocess.run(["sh", "-c", script], input=manifest[:10], capture_output=True,
+                         timeout=30)
+    assert cut.returncode == 1 and b"manifest arrived incomplete" in cut.stderr
+    assert not Path(lay.release(rid)).exists() and Path(lay.staging(rid), "index.html").exists()
+    assert not Path(lay.manifest(rid)).exists() and not Path(lay.manifest(rid) + ".tmp").exists()
+    whole = subprocess.run(["sh", "-c", script], input=manifest, capture_output=True,
+                           timeout=30)
+    assert whole.returncode == 0, whole.stderr
+    assert Path(lay.release(rid), "index.html").read_text() == "x"
+    assert Path(lay.manifest(rid)).read_bytes() == manifest

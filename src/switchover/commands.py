@@ -543,11 +543,13 @@ def remove_paths(layout: Layout, release: str) -> str:
 
 
 def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[str],
-             manifest: bool = False) -> str:
+             manifest_size: int | None = None) -> str:
     """Move the complete upload into releases/<id> (one rename) and link shared items.
 
-    With `manifest`, the release's manifest arrives on stdin and is stored under
-    .switchover/manifests/ (outside the release), renamed into place once the release is.
+    With `manifest_size`, the release's manifest (that many bytes) arrives on stdin and is
+    stored under .switchover/manifests/ (outside the release), renamed into place once the
+    release is. A manifest cut short (the client or the link went away while sending it:
+    `cat` sees only an early end) fails the step before the release is published.
     """
     d = layout
     tmp = d.manifest(release) + ".tmp"
@@ -556,13 +558,18 @@ def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[
         f"if [ -e {q(d.release(release))} ]; then echo 'release '{q(release)}' already exists'"
         f" >&2; exit {RC_RELEASE_EXISTS}; fi",
         f"[ -d {q(d.manifests)} ] || mkdir -p {q(d.manifests)}; cat > {q(tmp)}"
-        if manifest else "",
+        if manifest_size is not None else "",
+        # (unquoted: BSD wc pads the count with spaces)
+        f"[ $(wc -c < {q(tmp)}) -eq {int(manifest_size)} ] || {{ rm -f {q(tmp)};"
+        " echo 'the manifest arrived incomplete (the connection or the client went away)'"
+        " >&2; exit 1; }"
+        if manifest_size is not None else "",
         # rsync removes its partial dir once an upload completes; a leftover is never app data.
         f"if [ -e {q(d.staging(release) + '/' + PARTIAL_DIR)} ]; then"
         f" rm -rf {q(d.staging(release) + '/' + PARTIAL_DIR)}; fi",
         f"mv {q(d.staging(release))} {q(d.release(release))}",
         link_shared(layout, release, files, dirs),
-        f"mv -f {q(tmp)} {q(d.manifest(release))}" if manifest else "",
+        f"mv -f {q(tmp)} {q(d.manifest(release))}" if manifest_size is not None else "",
     )
 
 

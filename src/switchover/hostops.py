@@ -471,8 +471,8 @@ class HostOps:
         scanned = self._manifests.get(release)
         data = manifest if manifest is not None or scanned is None else \
             M.encode(M.build(release, scanned, files, dirs))
-        r = self.run(C.finalize(self.layout, release, files, dirs, manifest=data is not None),
-                     input=data)
+        r = self.run(C.finalize(self.layout, release, files, dirs,
+                                manifest_size=None if data is None else len(data)), input=data)
         if r.rc == C.RC_SHARED_MISSING:
             raise HostError(r.message, host=self.name)
         self._must(r, "finalizing the release")
