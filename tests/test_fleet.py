@@ -174,10 +174,10 @@ def test_hosts_upload_while_a_slow_host_is_still_taking_its_lock(fp: Project):
             and time.monotonic() < deadline:
         time.sleep(0.05)
     client = Client(fp, "deploy", "test", pause_at="after_lock@web5",
-                    env={"SWITCHOVER_TEST_PAUSE_SECONDS": "5"})
+                    env={"SWITCHOVER_TEST_PAUSE_SECONDS": "10"})
     client.wait_paused()
     staging = fp.root("web1") / ".switchover" / "staging"
-    deadline = time.monotonic() + 4
+    deadline = time.monotonic() + 8  # well inside web5's pause, on a loaded machine too
     uploaded = []
     while time.monotonic() < deadline and not uploaded:
         uploaded = [d for d in staging.iterdir() if (d / "index.html").is_file()

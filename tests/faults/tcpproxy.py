@@ -99,7 +99,7 @@ class DropProxy:
                         time.sleep(len(data) / rate)
                     if conn.cut:  # cut while this chunk was held back
                         break
-                dst.sendall(data)
+                self._send_all(dst, data, conn)
         except OSError:
             pass
         finally:
@@ -109,6 +109,18 @@ class DropProxy:
             else:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
+
+    def _send_all(self, dst: socket.socket, data: bytes, conn: Conn) -> None:
+        """sendall that outlasts the 1 s timeout both pumps set on the shared sockets: a
+        receiver that reads nothing for a while (backpressure) is not a closed link."""
+        view = memoryview(data)
+        while view:
+            if self._closed.is_set() or conn.cut:
+                raise ConnectionAbortedError("proxy closed or link cut")
+            try:
+                view = view[dst.send(view):]
+            except TimeoutError:
+                continue
 
     def cut_all(self) -> int:
         """Reset every open connection now (a link that dies mid-step); returns how many."""

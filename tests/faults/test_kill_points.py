@@ -93,7 +93,13 @@ def _kill_at(p: Project, step: str, where: str) -> None:
                 and (p.root(h) / "restarted").read_text().strip() == p.current(h)
                 and (p.current(h) == old[h]) == (where == "old") for h in hosts):
             time.sleep(0.05)
-        time.sleep(0.2)  # the step writes its result just after the hook
+        # The step writes its result just after the hook: wait for every detached step's
+        # status (a running one makes the next deploy's takeover wait, then give up).
+        runs = [d for h in hosts for d in (p.root(h) / ".switchover" / "run").glob("*/")
+                if (d / "pid").exists()]
+        while time.monotonic() < deadline and not all((d / "status").exists() for d in runs):
+            time.sleep(0.02)
+        assert all((d / "status").exists() for d in runs), runs
     if where == "old":
         check_invariants(p, old)
         if step == "during_rollback":  # the old release's restart ran after it came back
