@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from project import settle  # noqa: E402
 from sshd_harness import SshFleet  # noqa: E402
 
 
@@ -72,25 +73,13 @@ def switchover(config: Path, *args: str) -> float:
     return took
 
 
-def settle(fleet: SshFleet, deadline: float = 60) -> None:
-    """Wait until no host does switchover's background work: the delete of pruned releases
-    and the spare clone for the next deploy (commands.build_spare). On real hosts it runs on
-    each host's own CPU and disk, long before the next deploy; here every host shares this
-    machine's 2 cores and one disk with the client: a timed run, ours or the floor's, that
-    overlapped it would be slowed by it. Not timed; at most `deadline` seconds."""
-    end = time.monotonic() + deadline
-    for h in fleet.hosts:
-        meta = h.root / "sw" / ".switchover"
-        while time.monotonic() < end:
-            live = meta.parent / "current"
-            spare = meta / "spare" / os.path.basename(os.readlink(live)) if live.is_symlink() \
-                else None
-            trash = meta / "trash"
-            busy = (trash.is_dir() and any(trash.iterdir())) or (
-                spare is not None and not spare.is_dir())
-            if not busy:
-                break
-            time.sleep(0.05)
+def settle_fleet(fleet: SshFleet, deadline: float = 60) -> None:
+    """Wait until no host does switchover's background work (the delete of pruned releases,
+    the spare clone for the next deploy). On real hosts it runs on each host's own CPU and
+    disk, long before the next deploy; here every host shares this machine's 2 cores and
+    one disk with the client: a timed run, ours or the floor's, that overlapped it would be
+    slowed by it. Not timed; at most `deadline` seconds."""
+    settle((h.root / "sw" for h in fleet.hosts), deadline)
 
 
 def floor_once(fleet: SshFleet, app: Path, base: str, prev: str, new: str,
@@ -164,7 +153,7 @@ def bench(n: int, files: int, mb: int, repeat: int, work: Path) -> dict[str, flo
         for i in range(repeat):
             change(all_files, 0.01, i)
             for run in runs[i % 3:] + runs[:i % 3]:
-                settle(fleet)
+                settle_fleet(fleet)
                 run(i)
     return {
         "hosts": n,

@@ -7,15 +7,59 @@ mount namespace), never through the tool under test.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def spare_unlocked(spare_root: Path, seconds: float = 20) -> None:
+    """Wait (bounded) until no spare build holds its lock on `spare_root`: the builder
+    renames the spare into place a moment before its shell (which holds the flock) ends,
+    and a deploy that finds the lock held copies instead of taking the spare. flock(2) on
+    the same directory, as the builder's flock(1) takes it (through a bind mount too)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fd = os.open(spare_root, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no spare was ever built here: nothing holds a lock
+        try:
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+        finally:
+            os.close(fd)  # closing drops a lock we took
+        assert time.monotonic() < deadline, f"{spare_root}: a spare build still holds the lock"
+        time.sleep(0.01)
+
+
+def settle(deploy_roots: Iterable[Path], seconds: float = 20) -> None:
+    """Wait (bounded) until no host does switchover's background work after a deploy: the
+    delete of pruned releases and the spare clone of the live release for the next deploy
+    (commands.build_spare), lock included. `deploy_roots`: the directories behind each
+    host's deploy_to."""
+    deadline = time.monotonic() + seconds
+    for root in deploy_roots:
+        meta, live = root / ".switchover", root / "current"
+        while time.monotonic() < deadline:
+            trash = meta / "trash"
+            spare = meta / "spare" / os.path.basename(os.readlink(live)) \
+                if live.is_symlink() else None
+            busy = (trash.is_dir() and any(trash.iterdir())) or (
+                spare is not None and not spare.is_dir())
+            if not busy:
+                break
+            time.sleep(0.02)
+        spare_unlocked(meta / "spare", max(0.0, deadline - time.monotonic()))
 
 
 @dataclass
@@ -129,20 +173,9 @@ class Project:
         return (self.root(host) / "releases" / rid / name).read_text()
 
     def settle(self, seconds: float = 20) -> None:
-        """Wait (bounded) for the hosts' background work after a deploy: the spare clone of
-        the live release for the next deploy (commands.build_spare) and the delete of
-        pruned releases. Before a test compares whole host trees."""
-        deadline = time.monotonic() + seconds
-        for h in self.target.hosts:
-            meta = self.root(h) / ".switchover"
-            live = self.current(h)
-            while time.monotonic() < deadline:
-                trash = meta / "trash"
-                busy = (trash.is_dir() and any(trash.iterdir())) or (
-                    live is not None and not (meta / "spare" / live).is_dir())
-                if not busy:
-                    break
-                time.sleep(0.02)
+        """Wait (bounded) for the hosts' background work after a deploy (see settle).
+        Before a test compares whole host trees."""
+        settle(self.target.roots.values(), seconds)
 
     def locked(self, host: str | None = None) -> bool:
         return (self.root(host) / ".switchover" / "lock").exists()

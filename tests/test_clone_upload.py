@@ -10,7 +10,7 @@ import stat
 import time
 from pathlib import Path
 
-from project import Project, local_target
+from project import Project, local_target, spare_unlocked
 
 T0 = 1_700_000_000
 
@@ -150,6 +150,7 @@ def spare_of_live(p: Project, host: str) -> Path:
     while not spare.is_dir() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert spare.is_dir(), f"{host}: no spare clone of the live release"
+    spare_unlocked(spare.parent)  # else the next deploy may find it still locked, and copy
     return spare
 
 

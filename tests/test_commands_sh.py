@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from project import spare_unlocked
 
 from switchover import commands as C
 from switchover.clonepatch import check_reset, parse_listing
@@ -651,6 +652,7 @@ def _spare_built(lay: Layout, release: str) -> Path:
     assert r.returncode == 0, r.stderr
     spare = Path(lay.spare(release))
     _wait_for(spare)
+    spare_unlocked(spare.parent)  # else a clone may find it still locked, and copy
     return spare
 
 
