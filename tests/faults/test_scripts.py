@@ -134,7 +134,8 @@ def test_manifest_stored_at_finalize_and_listing_matches_on_both_listers(tmp_pat
     subprocess.run(["cp", "-a", f"{src}/.", str(staged)], check=True)
     (staged / ".switchover-partial").mkdir()  # rsync debris never lands in the release
     doc = M.build(RID, M.scan(src, []), [], [])
-    r = sh(C.finalize(lay, RID, [], [], manifest=True), input=M.encode(doc))
+    data = M.encode(doc)
+    r = sh(C.finalize(lay, RID, [], [], manifest_size=len(data)), input=data)
     assert r.returncode == 0, r.stderr
     assert json.loads(Path(lay.manifest(RID)).read_text())["files"] == doc["files"]
     assert not Path(lay.release(RID), ".switchover-partial").exists()
