@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, NoReturn, get_args
@@ -307,6 +307,7 @@ class Environment:
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _KEYED = re.compile(r"^`(?P<key>[^`]+)`: (?P<msg>.*)$", re.DOTALL)
 _BOUND = re.compile(r"^Expected `\w+` (?P<op>>=|>|<=|<) (?P<n>\S+)$")
+EMPTY_KEY = '""'  # how an error names a key that is the empty string (TOML allows it)
 _BOUNDS = {">=": "greater than or equal to", ">": "greater than",
            "<=": "less than or equal to", "<": "less than"}
 
@@ -320,9 +321,9 @@ def _describe(error: msgspec.ValidationError, prefix: str = "") -> tuple[str, st
     loc = ".".join(p for p in (prefix, path) if p)
     if keyed := _KEYED.match(msg):  # raised by a table's __post_init__ (see _check)
         loc, msg = f"{loc}.{keyed['key']}".lstrip("."), keyed["msg"]
-    elif found := re.fullmatch(r"Object contains unknown field `(.*)`", msg):
-        loc, msg = f"{loc}.{found[1]}".lstrip("."), "unknown key (a typo?)"
-    elif found := re.fullmatch(r"Object missing required field `(.*)`", msg):
+    elif found := re.fullmatch(r"Object contains unknown field `(.*)`", msg, re.S):
+        loc, msg = f"{loc}.{found[1] or EMPTY_KEY}".lstrip("."), "unknown key (a typo?)"
+    elif found := re.fullmatch(r"Object missing required field `(.*)`", msg, re.S):
         loc, msg = f"{loc}.{found[1]}".lstrip("."), "required key is missing"
     elif bound := _BOUND.match(msg):
         n = bound["n"].removesuffix(".0")
@@ -334,52 +335,86 @@ def _describe(error: msgspec.ValidationError, prefix: str = "") -> tuple[str, st
     return loc or "(top level)", msg
 
 
-# The top-level tables: checked one by one as well when the file has errors.
+# The tables a table holds: each is checked on its own when the file has errors.
 _TABLES: dict[str, type[msgspec.Struct]] = {
     "artifact": ArtifactConfig, "shared": SharedConfig, "health": HealthConfig,
     "hooks": HooksConfig, "secrets": SecretsConfig, "notify": NotifyConfig,
 }
+_SUB_TABLES: dict[type[msgspec.Struct], dict[str, type[msgspec.Struct]]] = {
+    FileConfig: _TABLES,
+    EnvironmentConfig: {k: _TABLES[k] for k in ("health", "hooks", "shared", "secrets",
+                                                 "notify")},
+}
 
-
+_STAND_IN_ENV: dict[str, Any] = {"deploy_to": "/srv/app"}
 # Valid values for the required keys, put in place of a wrong one while the rest of its
 # table is checked (see _key_errors).
 _STAND_INS: dict[str, Any] = {
-    "app": "app", "environments": {"env": {"deploy_to": "/srv/app"}}, "deploy_to": "/srv/app",
+    "app": "app", "environments": {"env": _STAND_IN_ENV}, "deploy_to": "/srv/app",
 }
 
 
-def _top_key(where: str, prefix: str) -> str:
-    """The key of the table at `prefix` that an error at `where` is under ("" for the table)."""
-    rest = where.removeprefix(prefix).lstrip(".") if prefix else where
-    return "" if where == (prefix or "(top level)") else re.split(r"[.\[]", rest, maxsplit=1)[0]
+def _key_of(where: str, prefix: str, keys: Iterable[str], required: set[str]) -> str | None:
+    """The key of the table at `prefix` an error at `where` is under: one the table sets
+    (the longest, as a key may hold dots or brackets), else a required one it lacks; None
+    for an error of the table itself."""
+    if prefix:
+        rel = where[len(prefix) + 1:] if where.startswith(prefix + ".") else None
+    else:
+        rel = None if where == "(top level)" else where
+    if rel is None:
+        return None
+    if rel == EMPTY_KEY and "" in keys:
+        return ""
+    matches = [k for k in keys if rel == k or rel.startswith((k + ".", k + "["))]
+    if matches:
+        return max(matches, key=len)
+    first = re.split(r"[.\[]", rel, maxsplit=1)[0]
+    return first if first in required else None
 
 
 def _key_errors(value: Any, table: type[msgspec.Struct], prefix: str = "",
-                elsewhere: Callable[[str, str], bool] = lambda key, where: False,
                 ) -> list[tuple[str, str]]:
-    """The first error of every key of one table. msgspec stops at the first error, so the
-    key it names is set aside (dropped, or a required one given a valid stand-in) and the
-    table checked again. Errors `elsewhere(key, where)` says are reported by another check
-    are set aside without being listed."""
+    """The first error of every key of one table, and of every table in it (environments
+    by name). msgspec stops at the first error, so the key it names is set aside (dropped,
+    or a required one given a valid stand-in) and the table checked again."""
+    if not isinstance(value, dict):
+        try:
+            msgspec.convert(value, table)
+            return []
+        except msgspec.ValidationError as e:
+            return [_describe(e, prefix)]
+    at = f"{prefix}." if prefix else ""
+    rest = dict(value)
+    inner: list[tuple[str, str]] = []
+    for key, sub in _SUB_TABLES.get(table, {}).items():
+        if key in rest:  # no table is required: checked here, then left out
+            inner += _key_errors(rest.pop(key), sub, at + key)
+    envs = rest.get("environments") if table is FileConfig else None
+    if isinstance(envs, dict):
+        for name, env in envs.items():
+            inner += _key_errors(env, EnvironmentConfig, f"{at}environments.{name}")
+        rest["environments"] = {name: _STAND_IN_ENV for name in envs}  # names still checked
     found: list[tuple[str, str]] = []
-    rest = dict(value) if isinstance(value, dict) else value
     required = {f.name for f in msgspec.structs.fields(table) if f.required}
-    for _ in range(len(rest) + len(required) + 1 if isinstance(rest, dict) else 1):
+    stood_in: set[str] = set()
+    for _ in range(len(rest) + len(required) + 1):
         try:
             msgspec.convert(rest, table)
             break
         except msgspec.ValidationError as e:
             where, what = _describe(e, prefix)
-        key = _top_key(where, prefix)
-        if not elsewhere(key, where):
+        if (where, what) not in found:
             found.append((where, what))
-        if not key or not isinstance(rest, dict):
-            break  # the table itself is wrong: nothing more to learn from it
+        key = _key_of(where, prefix, rest, required)
+        if key is None or key in stood_in:
+            break  # the table itself is wrong, or no progress: nothing more to learn
         if key in required:
             rest[key] = _STAND_INS[key]
+            stood_in.add(key)
         else:
-            rest.pop(key, None)
-    return found
+            del rest[key]
+    return found + inner
 
 
 def _validate(path: Path, data: dict[str, Any]) -> FileConfig:
@@ -387,24 +422,9 @@ def _validate(path: Path, data: dict[str, Any]) -> FileConfig:
         return msgspec.convert(data, FileConfig)
     except msgspec.ValidationError as e:
         first = _describe(e)
-    # Each table and each environment is checked on its own as well: that names the
-    # environment (msgspec says "environments[...]") and lists the first error of each key.
-    envs = data.get("environments")
-    named = isinstance(envs, dict)
-
-    def elsewhere(key: str, where: str) -> bool:
-        # an error under a table is one the table's own check lists (an error of a table
-        # is always under a key the file sets: no table is required)
-        return key in _TABLES or (key == "environments" and named and where != key)
-
-    found = _key_errors(data, FileConfig, elsewhere=elsewhere)
-    for key, table in _TABLES.items():
-        if key in data:
-            found += _key_errors(data[key], table, key)
-    if named:
-        for name, value in envs.items():
-            found += _key_errors(value, EnvironmentConfig, f"environments.{name}")
-    return _fail(path, found or [first])
+    # msgspec stops at the first error and names no environment ("environments[...]"):
+    # every key of every table and environment is checked on its own to list them all.
+    return _fail(path, _key_errors(data, FileConfig) or [first])
 
 
 def _fail(path: Path, errors: Sequence[tuple[str, str]]) -> NoReturn:

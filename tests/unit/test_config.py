@@ -260,7 +260,8 @@ def test_every_required_key_has_a_stand_in():
 
 
 _KEYS = [*(f.name for f in msgspec.structs.fields(config.FileConfig)),
-         *(f.name for f in msgspec.structs.fields(config.EnvironmentConfig)), "typo"]
+         *(f.name for f in msgspec.structs.fields(config.EnvironmentConfig)), "typo",
+         "health.timeout", "a[0]", "", "parallel.x"]  # names msgspec's messages blur
 _SCALARS = st.one_of(st.integers(-2, 3), st.booleans(), st.sampled_from(["", "x", "/srv/a"]),
                      st.floats(-1, 2), st.lists(st.sampled_from(["h", "a b", "25%"]), max_size=2))
 _TABLES = st.dictionaries(st.sampled_from(_KEYS), _SCALARS, max_size=4)
@@ -269,7 +270,7 @@ _FILES = st.builds(
     st.dictionaries(st.sampled_from(_KEYS), _SCALARS, max_size=5),
     st.dictionaries(st.sampled_from(list(config._TABLES)), st.one_of(_SCALARS, _TABLES),
                     max_size=2),
-    st.one_of(st.none(), _SCALARS, st.dictionaries(st.sampled_from(["p", "q", "bad name"]),
+    st.one_of(st.none(), _SCALARS, st.dictionaries(st.sampled_from(["p", "q", "bad name", "a.b"]),
                                                    st.one_of(_SCALARS, _TABLES), max_size=3)),
 )
 
@@ -284,3 +285,38 @@ def test_any_wrong_file_gives_a_config_error_with_a_line_per_key(data):
         lines = str(e).splitlines()
         assert lines and all(line.startswith("f.toml: ") for line in lines)
         assert len(lines) == len(set(lines))
+        for key in data:  # every unknown top-level key is named
+            if key not in _KEYS[:len(msgspec.structs.fields(config.FileConfig))]:
+                named = key or config.EMPTY_KEY
+                assert f"f.toml: {named}: unknown key (a typo?)" in lines, (key, lines)
+
+
+def test_keys_with_dots_or_brackets_and_tables_inside_environments(tmp_path):
+    # msgspec's messages put such keys in a path: each is still named once, whole, and the
+    # keys after it are still checked; an environment's tables list every wrong key too.
+    p = write(tmp_path, """
+        app = "x"
+        "health.timeout" = 5
+        "a[0]" = 1
+        keep_releases = 0
+        [environments."bad name"]
+        deploy_to = "/srv/x"
+        parallel = 0
+        [environments.p]
+        deploy_to = "/srv/x"
+        [environments.p.health]
+        timeout = 0
+        bogus = 1
+    """)
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "p")
+    assert sorted(str(exc.value).splitlines()) == sorted(f"{p}: {line}" for line in [
+        "health.timeout: unknown key (a typo?)",
+        "a[0]: unknown key (a typo?)",
+        "keep_releases: must be greater than or equal to 1",
+        "environments: environment name 'bad name' must start with a letter or digit and "
+        "contain only letters, digits, '.', '_' and '-' (at most 64 characters)",
+        "environments.bad name.parallel: must be greater than or equal to 1",
+        "environments.p.health.timeout: must be greater than 0",
+        "environments.p.health.bogus: unknown key (a typo?)",
+    ])
