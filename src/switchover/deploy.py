@@ -62,6 +62,8 @@ class HostRun:
     begun_id: str | None = None  # the release this host recorded deploy_started for
     prepare_failed: bool = False  # failed to connect / lock / read its state
     switched: bool = False
+    passed: bool = False  # switched, and its hooks and checks passed
+    finish_started: bool = False  # its success is being (or was) recorded
     previous: str | None = None  # the release that was live before this deploy
     status: str = "pending"
     error: SwitchoverError | None = None
@@ -453,6 +455,8 @@ class Deployer:
         if failure is not None:
             raise HookFailed(failure, host=run.name)
         self._health(run)
+        # Passed only if no Ctrl-C came first: a Ctrl-C while checks run still rolls back.
+        run.passed = not self.cancel.is_set()
         run.ops.checkpoint("after_health")
 
     def _health(self, run: HostRun, quiet: bool = False) -> None:
@@ -554,6 +558,7 @@ class Deployer:
 
     def _finish(self, run: HostRun) -> None:
         assert self.release is not None and run.state is not None
+        run.finish_started = True
         seconds = round(time.monotonic() - self.t0, 3)
         done = self._entry("deploy_succeeded", run, message=self.message, seconds=seconds)
         states = analyze([*run.state.history, done], [*run.state.releases, self.release],
@@ -600,15 +605,23 @@ class Deployer:
     def _failed(self) -> list[HostRun]:
         return [r for r in self.runs if r.error is not None]
 
+    def _all_passed(self) -> bool:
+        """Every host switched and passed its hooks and checks: nothing left to undo."""
+        return bool(self.runs) and all(r.passed for r in self.runs) and not self._failed()
+
     def _run(self) -> DeployReport:
         try:
             return self._phases()
         except KeyboardInterrupt:
-            if self.cleaning_up:
-                raise  # a second Ctrl-C during the rollback or cleanup: abort now
-            if self.committed:  # the release passed everywhere: nothing to undo
+            if self.committed or self._all_passed():
+                # The release passed everywhere: a first Ctrl-C undoes nothing (the success
+                # is still recorded); a second one aborts the recording.
+                if self.cancel.is_set():
+                    raise
                 self.cancel.set()
                 return self._succeed()
+            if self.cleaning_up:
+                raise  # a second Ctrl-C during the rollback or cleanup: abort now
             # Ctrl-C between two phases (outside a fan-out): end as a fan-out would have.
             self.cancel.set()
             if any(r.switched for r in self.runs):
@@ -713,7 +726,9 @@ class Deployer:
             if not self.cancel.is_set() and not self._failed() and (
                     self.env.strategy == "canary" and n == 0 and len(batches) > 1):
                 self._soak(group)
-            if self.cancel.is_set() or self._failed():
+            # A Ctrl-C once every host has passed (it can land while the last check's output
+            # is written) has nothing left to stop.
+            if self._failed() or (self.cancel.is_set() and not self._all_passed()):
                 return self._roll_back_fleet(self._failed())
 
         # 4. success: every host switched and passed its checks. From here on Ctrl-C undoes
@@ -722,10 +737,10 @@ class Deployer:
         return self._succeed()
 
     def _succeed(self) -> DeployReport:
-        """Record the success, prune and unlock on every host, even after a Ctrl-C."""
-        self.cleaning_up = True  # a second Ctrl-C aborts the recording
+        """Record the success, prune and unlock on every host, even after a Ctrl-C (entered
+        again if a Ctrl-C lands outside the fan-out: each host is recorded once)."""
         runs = self.runs
-        self._each(runs, self._finish, run_all=True)
+        self._each([r for r in runs if not r.finish_started], self._finish, run_all=True)
         if self.cancel.is_set():
             self.out.warn("interrupted after every host passed its checks: the release stays "
                           "live, and its success was recorded")

@@ -61,5 +61,6 @@ def fan_out(
         cancel.set()
         wait(futures)
     finally:
-        pool.shutdown(wait=False)
+        # A second Ctrl-C: items not yet started never start (with run_all too).
+        pool.shutdown(wait=False, cancel_futures=True)
     return [f.result() for f in futures]

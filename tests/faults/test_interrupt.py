@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from project import Project, ssh_target
+from project import Project, local_target, ssh_target
 
 from faults.kit import Client, check_invariants, lock_owner
 
@@ -127,3 +130,67 @@ def test_sigint_after_every_check_passed_keeps_the_release_and_records_it(sshp: 
         assert "rolled_back" not in p.events(h)
         assert not p.locked(h)
     check_invariants(p)
+
+
+def test_sigint_while_the_last_host_ends_its_check_keeps_the_release(sshp: Project):
+    # The SIGINT lands once web1 has passed and while the last host ends its check step
+    # (paused there): that step finishes, every host has passed, nothing is undone.
+    p = sshp
+    p.ok("deploy", "test")
+    (p.app / "index.html").write_text("v2\n")
+    last = p.target.hosts[-1]
+    client = Client(p, "deploy", "test", pause_at=f"after_health@{last}",
+                    env={"SWITCHOVER_TEST_PAUSE_SECONDS": "3"})
+    client.wait_paused()
+    client.proc.send_signal(signal.SIGINT)
+    r = client.finish()
+    assert r.returncode == 0, r.stderr
+    assert "every host passed its checks" in r.stderr
+    for h in p.target.hosts:
+        assert p.live_file("index.html", h) == "v2\n"
+        assert p.events(h)[-1] == "deploy_succeeded" and "rolled_back" not in p.events(h)
+        assert not p.locked(h)
+
+
+# Runs the CLI with a SIGINT sent to itself at one point of the deploy's main thread: the
+# windows between fan-outs that no pause point reaches.
+_SIGNAL_AT = """
+import os, signal, sys
+from switchover import deploy
+where = os.environ["SIGNAL_AT"]
+each = deploy.Deployer._each
+sent = []
+def once():
+    if not sent:  # one Ctrl-C only: a second would abort
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+def _each(self, runs, fn, *args, **kw):
+    name = getattr(fn, "__name__", "")
+    if where == "before_finish" and name == "_finish":
+        once()
+    each(self, runs, fn, *args, **kw)
+    if where == name:  # as the fan-out returns: "_switch" or "_finish"
+        once()
+deploy.Deployer._each = _each
+from switchover.cli import main
+main(prog_name="switchover")
+"""
+
+
+@pytest.mark.parametrize("where", ["_switch", "before_finish", "_finish"])
+def test_sigint_between_the_last_check_and_the_end_undoes_nothing(tmp_path, where):
+    p = Project(tmp_path / "proj", local_target(tmp_path))
+    p.ok("deploy", "test")
+    (p.app / "index.html").write_text("v2\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SIGNAL_AT)
+    r = subprocess.run([sys.executable, str(driver), "-c", str(p.config), "deploy", "test"],
+                       capture_output=True, text=True, cwd=p.dir, timeout=120,
+                       env={**os.environ, "SIGNAL_AT": where})
+    assert r.returncode == 0, r.stderr
+    assert "interrupted" in r.stderr and "is live on 1 host" in r.stdout + r.stderr
+    assert p.live_file("index.html") == "v2\n"
+    events = p.events()
+    assert events[-1] == "deploy_succeeded" and "rolled_back" not in events, events
+    assert events.count("deploy_succeeded") == 2  # recorded once, though entered again
+    assert not p.locked()
