@@ -463,6 +463,18 @@ class SshFleet:
 
     # -- logs ------------------------------------------------------------------
 
+    def wait_sessions_ended(self, alias: str, seconds: float = 10.0) -> None:
+        """Wait (bounded) until nothing runs under ``alias``'s sshd: no connection, no
+        remote command, no detached background work. A login that was in flight is in the
+        log (or never will be) once this returns. Needs the per-host PID namespace."""
+        host = self.host(alias)
+        proc = host._proc
+        assert self.shared_path and proc is not None
+        deadline = time.monotonic() + seconds
+        while len(_descendants(proc.pid)) > 1:  # [0] is sshd itself (init of the namespace)
+            assert time.monotonic() < deadline, f"{alias}: sessions still open"
+            time.sleep(0.02)
+
     def connection_count(self, alias: str) -> int:
         """Successful logins ("Accepted publickey" log lines) on ``alias`` since the last reset."""
         return self.host(alias).connection_count()

@@ -341,6 +341,8 @@ def test_a_failed_deploy_leaves_no_early_connection_behind(sshp: Project, ssh_fl
         time.sleep(0.05)
     assert not _our_masters(ssh_fleet) - masters_before
     assert not _control_dirs() - dirs_before
+    for h in sshp.target.hosts:  # a login cut off may reach the log a moment later
+        ssh_fleet.wait_sessions_ended(h)
     after = ssh_fleet.connection_counts()
     # web1 may have logged in before the empty artifact ended the deploy; the others never
     new = [after[h] - counts[h] for h in sshp.target.hosts]
