@@ -464,15 +464,28 @@ class SshFleet:
     # -- logs ------------------------------------------------------------------
 
     def wait_sessions_ended(self, alias: str, seconds: float = 10.0) -> None:
-        """Wait (bounded) until nothing runs under ``alias``'s sshd: no connection, no
-        remote command, no detached background work. A login that was in flight is in the
-        log (or never will be) once this returns. Needs the per-host PID namespace."""
+        """Wait (bounded) until ``alias``'s sshd has no connection open (no per-connection
+        sshd process): a login that was in flight is in the log, or never will be, once
+        this returns. Commands left running by other tests' dead clients, and detached
+        background work, are not connections and do not count. Needs the per-host PID
+        namespace."""
         host = self.host(alias)
         proc = host._proc
         assert self.shared_path and proc is not None
+
+        def sessions() -> list[int]:
+            found = []
+            for pid in _descendants(proc.pid)[1:]:  # [0] is the listener (namespace init)
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
+                        found.append(pid)
+            return found
+
         deadline = time.monotonic() + seconds
-        while len(_descendants(proc.pid)) > 1:  # [0] is sshd itself (init of the namespace)
-            assert time.monotonic() < deadline, f"{alias}: sessions still open"
+        while open_ := sessions():
+            if time.monotonic() > deadline:
+                tree = {p: _cmdline(p) for p in _descendants(proc.pid)}
+                raise AssertionError(f"{alias}: connections still open: {open_}; {tree}")
             time.sleep(0.02)
 
     def connection_count(self, alias: str) -> int:
@@ -779,6 +792,14 @@ def _proc_table() -> dict[int, tuple[int, str]]:
         if len(fields) >= 2:
             table[int(entry)] = (int(fields[1]), fields[0])
     return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()
+    except OSError:
+        return "(gone)"
 
 
 def _descendants(pid: int) -> list[int]:
