@@ -108,21 +108,26 @@ def test_heartbeat_keeps_a_live_lock_and_a_silent_one_is_taken_over(sshp: Projec
     check_invariants(p)
 
 
-def test_sigint_after_every_check_passed_keeps_the_release_and_records_it(sshp: Project):
-    # Ctrl-C while the success is being recorded: the release is live and healthy on every
-    # host, so nothing is undone; the hosts not yet recorded are recorded all the same.
+@pytest.mark.parametrize("pause", ["before_finish", "after_health"])
+def test_sigint_once_every_host_passed_keeps_the_release_and_records_it(sshp: Project,
+                                                                        pause: str):
+    # before_finish (--parallel 1): Ctrl-C while the first host's success is recorded; the
+    # hosts not yet recorded are recorded all the same. after_health: Ctrl-C once web1 has
+    # passed, while the last host ends its check step. Either way every host has passed:
+    # nothing is undone.
     p = sshp
     p.ok("deploy", "test")
     (p.app / "index.html").write_text("v2\n")
-    first = p.target.hosts[0]
-    client = Client(p, "deploy", "test", "--parallel", "1", pause_at=f"before_finish@{first}",
+    host, args = ((p.target.hosts[0], ["--parallel", "1"]) if pause == "before_finish"
+                  else (p.target.hosts[-1], []))
+    client = Client(p, "deploy", "test", *args, pause_at=f"{pause}@{host}",
                     env={"SWITCHOVER_TEST_PAUSE_SECONDS": "3"})
     client.wait_paused()
     client.proc.send_signal(signal.SIGINT)
     r = client.finish()
     assert r.returncode == 0, r.stderr
     assert "every host passed its checks" in r.stderr
-    release = p.current(first)
+    release = p.current(host)
     for h in p.target.hosts:
         assert p.live_file("index.html", h) == "v2\n"
         assert p.current(h) == release
@@ -130,26 +135,6 @@ def test_sigint_after_every_check_passed_keeps_the_release_and_records_it(sshp: 
         assert "rolled_back" not in p.events(h)
         assert not p.locked(h)
     check_invariants(p)
-
-
-def test_sigint_while_the_last_host_ends_its_check_keeps_the_release(sshp: Project):
-    # The SIGINT lands once web1 has passed and while the last host ends its check step
-    # (paused there): that step finishes, every host has passed, nothing is undone.
-    p = sshp
-    p.ok("deploy", "test")
-    (p.app / "index.html").write_text("v2\n")
-    last = p.target.hosts[-1]
-    client = Client(p, "deploy", "test", pause_at=f"after_health@{last}",
-                    env={"SWITCHOVER_TEST_PAUSE_SECONDS": "3"})
-    client.wait_paused()
-    client.proc.send_signal(signal.SIGINT)
-    r = client.finish()
-    assert r.returncode == 0, r.stderr
-    assert "every host passed its checks" in r.stderr
-    for h in p.target.hosts:
-        assert p.live_file("index.html", h) == "v2\n"
-        assert p.events(h)[-1] == "deploy_succeeded" and "rolled_back" not in p.events(h)
-        assert not p.locked(h)
 
 
 # Runs the CLI with a SIGINT sent to itself at one point of the deploy's main thread: the

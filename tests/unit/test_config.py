@@ -200,6 +200,13 @@ def test_each_table_reports_its_own_first_error(tmp_path):
     ]
 
 
+def _error_lines(p: Path) -> list[str]:
+    """The lines of the ConfigError loading `p` gives, sorted."""
+    with pytest.raises(ConfigError) as exc:
+        load_environment(p, "p")
+    return sorted(str(exc.value).splitlines())
+
+
 def test_every_wrong_key_gets_its_own_line(tmp_path):
     # msgspec stops at the first error: each key it names is set aside and the rest checked
     # again, at the top level, in each table and in each environment.
@@ -216,9 +223,7 @@ def test_every_wrong_key_gets_its_own_line(tmp_path):
         timeout = 0
         urls = ["ftp://x"]
     """)
-    with pytest.raises(ConfigError) as exc:
-        load_environment(p, "p")
-    assert sorted(str(exc.value).splitlines()) == sorted(f"{p}: {line}" for line in [
+    assert _error_lines(p) == sorted(f"{p}: {line}" for line in [
         "keep_releases: must be greater than or equal to 1",
         "parallel: Expected `int`, got `str`",
         "typo: unknown key (a typo?)",
@@ -241,9 +246,7 @@ def test_a_wrong_required_key_is_reported_once(tmp_path):
     assert len(lines) == 2 and lines[0].startswith(f"{p}: app: app name 'bad name'")
     assert lines[1] == f"{p}: environments: at least one [environments.NAME] section is needed"
     p = write(tmp_path, "environments = 3\ntimeout = true\n")
-    with pytest.raises(ConfigError) as exc:
-        load_environment(p, "p")
-    assert sorted(str(exc.value).splitlines()) == sorted([
+    assert _error_lines(p) == sorted([
         f"{p}: environments: Expected `table`, got `int`",
         f"{p}: timeout: Expected `float`, got `bool`",
         f"{p}: app: required key is missing",
@@ -308,9 +311,7 @@ def test_keys_with_dots_or_brackets_and_tables_inside_environments(tmp_path):
         timeout = 0
         bogus = 1
     """)
-    with pytest.raises(ConfigError) as exc:
-        load_environment(p, "p")
-    assert sorted(str(exc.value).splitlines()) == sorted(f"{p}: {line}" for line in [
+    assert _error_lines(p) == sorted(f"{p}: {line}" for line in [
         "health.timeout: unknown key (a typo?)",
         "a[0]: unknown key (a typo?)",
         "keep_releases: must be greater than or equal to 1",
