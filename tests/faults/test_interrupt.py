@@ -112,17 +112,20 @@ def test_heartbeat_keeps_a_live_lock_and_a_silent_one_is_taken_over(sshp: Projec
 def test_sigint_once_every_host_passed_keeps_the_release_and_records_it(sshp: Project,
                                                                         pause: str):
     # before_finish (--parallel 1): Ctrl-C while the first host's success is recorded; the
-    # hosts not yet recorded are recorded all the same. after_health: Ctrl-C once web1 has
-    # passed, while the last host ends its check step. Either way every host has passed:
-    # nothing is undone.
+    # hosts not yet recorded are recorded all the same. after_health: Ctrl-C once every
+    # host has passed, while they end their check step (paused there). Either way every
+    # host has passed: nothing is undone.
     p = sshp
     p.ok("deploy", "test")
     (p.app / "index.html").write_text("v2\n")
-    host, args = ((p.target.hosts[0], ["--parallel", "1"]) if pause == "before_finish"
-                  else (p.target.hosts[-1], []))
-    client = Client(p, "deploy", "test", *args, pause_at=f"{pause}@{host}",
+    host = p.target.hosts[0]
+    if pause == "before_finish":
+        args, at, paused = ["--parallel", "1"], f"{pause}@{host}", 1
+    else:
+        args, at, paused = [], pause, len(p.target.hosts)
+    client = Client(p, "deploy", "test", *args, pause_at=at,
                     env={"SWITCHOVER_TEST_PAUSE_SECONDS": "3"})
-    client.wait_paused()
+    client.wait_paused(hosts=paused)
     client.proc.send_signal(signal.SIGINT)
     r = client.finish()
     assert r.returncode == 0, r.stderr
