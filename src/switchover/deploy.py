@@ -733,12 +733,14 @@ class Deployer:
 
         # 4. success: every host switched and passed its checks. From here on Ctrl-C undoes
         # nothing; the success is recorded on every host (a second Ctrl-C aborts that).
-        self.committed = True
         return self._succeed()
 
     def _succeed(self) -> DeployReport:
         """Record the success, prune and unlock on every host, even after a Ctrl-C (entered
         again if a Ctrl-C lands outside the fan-out: each host is recorded once)."""
+        # Committed: a host whose recording fails has still passed, so a later Ctrl-C must
+        # not take it for a failed deploy and roll back.
+        self.committed = True
         runs = self.runs
         self._each([r for r in runs if not r.finish_started], self._finish, run_all=True)
         if self.cancel.is_set():
