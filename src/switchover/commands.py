@@ -553,23 +553,26 @@ def finalize(layout: Layout, release: str, files: Iterable[str], dirs: Iterable[
     """
     d = layout
     tmp = d.manifest(release) + ".tmp"
+    receive = publish = ""
+    if manifest_size is not None:
+        receive = "\n".join((
+            f"[ -d {q(d.manifests)} ] || mkdir -p {q(d.manifests)}; cat > {q(tmp)}",
+            # (unquoted: BSD wc pads the count with spaces)
+            f"[ $(wc -c < {q(tmp)}) -eq {int(manifest_size)} ] || {{ rm -f {q(tmp)};"
+            " echo 'the manifest arrived incomplete (the connection or the client went"
+            " away)' >&2; exit 1; }"))
+        publish = f"mv -f {q(tmp)} {q(d.manifest(release))}"
     return _lines(
         "set -e",
         f"if [ -e {q(d.release(release))} ]; then echo 'release '{q(release)}' already exists'"
         f" >&2; exit {RC_RELEASE_EXISTS}; fi",
-        f"[ -d {q(d.manifests)} ] || mkdir -p {q(d.manifests)}; cat > {q(tmp)}"
-        if manifest_size is not None else "",
-        # (unquoted: BSD wc pads the count with spaces)
-        f"[ $(wc -c < {q(tmp)}) -eq {int(manifest_size)} ] || {{ rm -f {q(tmp)};"
-        " echo 'the manifest arrived incomplete (the connection or the client went away)'"
-        " >&2; exit 1; }"
-        if manifest_size is not None else "",
+        receive,
         # rsync removes its partial dir once an upload completes; a leftover is never app data.
         f"if [ -e {q(d.staging(release) + '/' + PARTIAL_DIR)} ]; then"
         f" rm -rf {q(d.staging(release) + '/' + PARTIAL_DIR)}; fi",
         f"mv {q(d.staging(release))} {q(d.release(release))}",
         link_shared(layout, release, files, dirs),
-        f"mv -f {q(tmp)} {q(d.manifest(release))}" if manifest_size is not None else "",
+        publish,
     )
 
 
